@@ -1,0 +1,161 @@
+"""Run artefacts: results.json, scores.csv, roc.png, score_hist.png, samples.png, the table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from anogan_lightning import evaluation  # noqa: E402
+
+TABLE_KEYS = (
+    "auroc",
+    "ap",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "recall",
+    "accuracy_at_val_threshold",
+    "sensitivity_at_val_threshold",
+)
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON has no NaN
+    return v
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Flat ``{"test/auroc": ..., ...}`` JSON; written atomically (rename) so a crash mid-write
+    never leaves a truncated file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: _jsonable(v) for k, v in results.items()}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_scores(path: Path, record: dict) -> None:
+    """One row per image: id, label, score and every score component."""
+    names = list(record["components"])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label", "score", *names])
+        for i, id_ in enumerate(record["ids"]):
+            row = [id_, int(record["labels"][i]), f"{float(record['score'][i]):.8g}"]
+            row += [f"{float(record['components'][n][i]):.8g}" for n in names]
+            w.writerow(row)
+
+
+def _all_scores(record: dict) -> dict[str, torch.Tensor]:
+    return {"score": record["score"], **record["components"]}
+
+
+def plot_roc(path: Path, record: dict, title: str = "") -> plt.Figure:
+    """Test ROC of the anomaly score with every component's ROC overlaid (AnoGAN Fig. 4b)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    labels = record["labels"]
+    for name, s in _all_scores(record).items():
+        fpr, tpr, _ = evaluation.roc_curve(s, labels)
+        auc = evaluation.auroc(s, labels)
+        ax.plot(fpr, tpr, lw=2 if name == "score" else 1, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "test ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_score_hist(path: Path, record: dict, title: str = "") -> plt.Figure:
+    """Score distributions of normal vs anomalous test images, one panel per score
+    (AnoGAN Fig. 4c, d for the residual and discrimination scores)."""
+    scores = _all_scores(record)
+    labels = record["labels"]
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.2), squeeze=False)
+    for ax, (name, s) in zip(axes[0], scores.items(), strict=True):
+        bins = torch.linspace(float(s.min()), float(s.max()) + 1e-9, 31).numpy()
+        ax.hist(s[labels == 0].numpy(), bins=bins, alpha=0.6, label="normal", density=True)
+        ax.hist(s[labels == 1].numpy(), bins=bins, alpha=0.6, label="anomalous", density=True)
+        ax.set(title=name, xlabel="score")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_samples(path: Path, samples: list[dict], title: str = "") -> plt.Figure:
+    """Rows: query, generated / reconstructed image, anomaly map (mask contour where known).
+
+    Columns: normal test images, then anomalous ones.
+    """
+    rows = [("query", "x"), ("generated", "x_hat"), ("anomaly map", "amap")]
+    rows = [r for r in rows if all(r[1] in s for s in samples)]
+    n = len(samples)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    amax = max((float(s["amap"].max()) for s in samples if "amap" in s), default=1.0)
+    for j, s in enumerate(samples):
+        for i, (name, key) in enumerate(rows):
+            ax = axes[i][j]
+            img = s[key][0].numpy()
+            if key == "amap":
+                ax.imshow(img, cmap="inferno", vmin=0, vmax=amax)
+            else:
+                ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            if "mask" in s and s["mask"].any() and key != "x_hat":
+                ax.contour(s["mask"][0].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8)
+        axes[0][j].set_title(s.get("title", ""), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def write_figures(out_dir: Path, record: dict, title: str = "") -> dict[str, plt.Figure]:
+    """roc.png, score_hist.png, samples.png from a test record; returns the figures (for loggers)."""
+    samples = record["samples"]
+    figs = {}
+    if evaluation.has_both_classes(record["labels"]):
+        figs["roc"] = plot_roc(out_dir / "roc.png", record, title)
+        figs["score_hist"] = plot_score_hist(out_dir / "score_hist.png", record, title)
+    if samples:
+        figs["samples"] = plot_samples(out_dir / "samples.png", samples, title)
+    return figs
+
+
+def format_table(results: dict, title: str = "") -> str:
+    """A Markdown table: one row per metric, one column per split."""
+    splits = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in results)]
+    keys = list(TABLE_KEYS)
+    extra = sorted({k.split("/", 1)[1] for k in results if "/auroc_" in k})
+    keys += extra
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("| metric | " + " | ".join(splits) + " |")
+    lines.append("|---|" + "---|" * len(splits))
+    for key in keys:
+        cells = []
+        for s in splits:
+            v = results.get(f"{s}/{key}")
+            cells.append(
+                "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+            )
+        if any(cells):
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The data-module base shared by every dataset: loaders, batch format, split bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+log = logging.getLogger(__name__)
+
+
+def collate_skip_none(items: list) -> dict | None:
+    """Collate dict samples, dropping ``None`` (an unreadable file that a dataset skipped)."""
+    kept = [it for it in items if it is not None]
+    if len(kept) < len(items):
+        log.warning("skipped %d unreadable sample(s) in this batch", len(items) - len(kept))
+    if not kept:
+        return None
+    return default_collate(kept)
+
+
+class AnomalyDataModule(pl.LightningDataModule):
+    """Train on normal images only; validate and test on both classes.
+
+    Subclasses implement :meth:`setup` and assign ``self.train_set``, ``self.val_set`` and
+    ``self.test_set``: datasets whose items are dicts with ``x``, ``label``, ``id`` (and ``mask``).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, ds: Dataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"{type(self).__name__}: the {name} split is not set up")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skip_none,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", False, self.eval_batch_size)
+
+    def split_summary(self) -> dict[str, dict[str, int]]:
+        """Counts per split and class, for the log and the results file."""
+        out = {}
+        for name in ("train", "val", "test"):
+            ds = getattr(self, f"{name}_set")
+            if ds is None:
+                continue
+            labels = torch.as_tensor(ds.labels)
+            out[name] = {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
+        return out
+
+
+class ArrayDataset(Dataset):
+    """In-memory images (N, 1, H, W) in [-1, 1] with labels, names and optional masks."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        ids: list[str],
+        masks: torch.Tensor | None = None,
+    ) -> None:
+        assert images.ndim == 4 and images.shape[1] == 1, images.shape
+        assert len(images) == len(labels) == len(ids)
+        self.images = images
+        self.labels = labels.long()
+        self.ids = ids
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"x": self.images[i], "label": self.labels[i], "id": self.ids[i]}
+        if self.masks is not None:
+            item["mask"] = self.masks[i]
+        return item

@@ -1,0 +1,185 @@
+"""Procedural OCT B-scans with planted lesions: the built-in default data (no download).
+
+A B-scan is rendered directly at ``image_size``. Geometry: a curved, tilted retina with a foveal
+pit, between the inner limiting membrane (ILM, top) and the retinal pigment epithelium (RPE,
+bottom), over a dark vitreous and a fading choroid. Inside, the depth coordinate
+t = (row - ILM) / (RPE - ILM) picks a reflectivity from a layer table (RNFL bright, nuclear
+layers dark, plexiform layers medium, photoreceptor line bright, RPE brightest). Speckle is
+multiplicative Gamma(L, 1/L) noise, spatially correlated by a small blur, as in real OCT.
+
+Lesions (label 1), each with a pixel mask:
+- ``fluid``: a dark intraretinal cyst (ellipse in the nuclear layers);
+- ``foci``: a few bright hyperreflective dots in the inner retina;
+- ``drusen``: an RPE elevation, the space under the raised RPE filled with medium reflectivity.
+An anomalous image carries one or two of them. ``lesion_scale`` scales their size (1 = the
+default, clearly visible setting; smaller is harder).
+
+Every image is a pure function of (seed, split, index): deterministic, independent of the
+number of images asked for, and fast (~0.1 ms per 64x64 image).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from anogan_lightning.data.base import AnomalyDataModule, ArrayDataset
+
+log = logging.getLogger(__name__)
+
+LESIONS = ("fluid", "foci", "drusen")
+# (upper edge of the layer in depth t, reflectivity), top to bottom
+_LAYERS = (
+    (0.00, 0.80),  # RNFL
+    (0.10, 0.45),  # GCL
+    (0.24, 0.58),  # IPL
+    (0.34, 0.24),  # INL
+    (0.46, 0.55),  # OPL
+    (0.54, 0.16),  # ONL
+    (0.80, 0.72),  # ELM / IS-OS line
+    (0.87, 0.34),  # outer segments
+    (0.91, 0.97),  # RPE
+)
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+def _layer_profile(t: np.ndarray) -> np.ndarray:
+    edges = np.array([e for e, _ in _LAYERS])
+    values = np.array([v for _, v in _LAYERS])
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(values) - 1)
+    return values[idx]
+
+
+def render_bscan(
+    rng: np.random.Generator,
+    size: int,
+    lesions: tuple[str, ...] = (),
+    lesion_scale: float = 1.0,
+    speckle_looks: float = 4.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One B-scan: (image (S, S) float32 in [0, 1], lesion mask (S, S) uint8)."""
+    u = np.linspace(0.0, 1.0, size)[None, :]  # columns, (1, S)
+    v = (np.arange(size)[:, None] + 0.5) / size  # rows, top = 0, (S, 1)
+
+    # geometry, in fractions of the image height
+    centre = rng.uniform(0.50, 0.62)
+    curve = rng.uniform(-0.25, 0.35)
+    tilt = rng.uniform(-0.12, 0.12)
+    thick = rng.uniform(0.26, 0.36)
+    fovea_u, fovea_w, fovea_d = (
+        rng.uniform(0.35, 0.65),
+        rng.uniform(0.06, 0.12),
+        rng.uniform(0.3, 0.6),
+    )
+    rpe = centre + curve * (u - 0.5) ** 2 + tilt * (u - 0.5) + thick / 2  # Bruch's membrane, (1, S)
+    thickness = thick * (1 - fovea_d * np.exp(-(((u - fovea_u) / fovea_w) ** 2)))
+    ilm = rpe - thickness
+    bruch = rpe.copy()
+
+    mask = np.zeros((size, size), dtype=bool)
+    s = lesion_scale
+    if "drusen" in lesions:
+        du, dw, dh = (
+            rng.uniform(0.25, 0.75),
+            rng.uniform(0.05, 0.09) * s,
+            rng.uniform(0.05, 0.08) * s,
+        )
+        bump = dh * np.exp(-(((u - du) / dw) ** 2))
+        rpe = rpe - bump  # the RPE rises; the retina above it is compressed
+        mask |= (v >= rpe + 0.04) & (v < bruch) & (bump > 0.5 / size)
+
+    t = (v - ilm) / (rpe + 0.04 - ilm)  # depth in the retina, RPE band ends at t = 1
+    img = np.where(t < 0, 0.03, _layer_profile(np.clip(t, 0, 1)))
+    below = v >= rpe + 0.04
+    choroid = 0.55 * np.exp(-(v - bruch) / 0.12) * (1 + 0.25 * np.sin(40 * u + 9 * v))
+    img = np.where(below, np.clip(choroid, 0.02, 1.0), img)
+    if "drusen" in lesions:
+        img = np.where(mask, 0.42, img)  # material under the raised RPE
+
+    if "fluid" in lesions:
+        cu, ct = rng.uniform(0.25, 0.75), rng.uniform(0.45, 0.7)
+        rx, ry = rng.uniform(0.07, 0.13) * s, rng.uniform(0.035, 0.06) * s
+        cv = ilm + ct * (rpe - ilm)  # (1, S): the row of depth ct in every column
+        cv_at = np.take_along_axis(cv, np.array([[int(cu * (size - 1))]]), axis=1)
+        cyst = ((u - cu) / rx) ** 2 + ((v - cv_at) / ry) ** 2 <= 1
+        cyst &= (t > 0.05) & (t < 0.9)
+        img = np.where(cyst, 0.02, img)
+        mask |= cyst
+    if "foci" in lesions:
+        r = max(1.0 / size, 0.018 * s)
+        for _ in range(rng.integers(3, 7)):
+            fu, ft = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.55)
+            fv = ilm[0, int(fu * (size - 1))] + ft * thickness[0, int(fu * (size - 1))]
+            dot = (u - fu) ** 2 + (v - fv) ** 2 <= r**2
+            img = np.where(dot, 1.0, img)
+            mask |= dot
+
+    img = gaussian_filter(img * rng.uniform(0.85, 1.1), sigma=0.35 * size / 64)
+    speckle = rng.gamma(speckle_looks, 1.0 / speckle_looks, size=(size, size))
+    speckle = gaussian_filter(speckle, sigma=0.5) / gaussian_filter(np.ones_like(speckle), 0.5)
+    img = img * speckle + rng.normal(0, 0.02, size=(size, size))
+    return np.clip(img, 0, 1).astype(np.float32), mask.astype(np.uint8)
+
+
+def make_split(
+    n: int,
+    size: int,
+    split: str,
+    seed: int = 0,
+    anomaly_fraction: float = 0.5,
+    lesion_scale: float = 1.0,
+    speckle_looks: float = 4.0,
+) -> ArrayDataset:
+    """``n`` B-scans of one split. train: normal only; val/test: anomalous with prob. fraction."""
+    images = np.empty((n, 1, size, size), dtype=np.float32)
+    masks = np.zeros((n, 1, size, size), dtype=np.float32)
+    labels = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
+        lesions: tuple[str, ...] = ()
+        if split != "train" and rng.random() < anomaly_fraction:
+            k = rng.integers(1, 3)
+            lesions = tuple(rng.choice(LESIONS, size=k, replace=False))
+        img, m = render_bscan(rng, size, lesions, lesion_scale, speckle_looks)
+        if lesions and not m.any():  # a lesion too small to occupy a pixel: re-render bigger
+            img, m = render_bscan(rng, size, lesions, lesion_scale * 1.5, speckle_looks)
+        images[i, 0] = img * 2 - 1
+        masks[i, 0] = m
+        labels[i] = int(m.any())
+    ids = [f"synthetic/{split}/{i:06d}" for i in range(n)]
+    return ArrayDataset(
+        torch.from_numpy(images), torch.from_numpy(labels), ids, torch.from_numpy(masks)
+    )
+
+
+class SyntheticOCTDataModule(AnomalyDataModule):
+    """Procedural OCT B-scans: train = normal only, val/test = normal + planted lesions."""
+
+    def __init__(
+        self,
+        n_train: int = 2048,
+        n_val: int = 256,
+        n_test: int = 512,
+        anomaly_fraction: float = 0.5,
+        lesion_scale: float = 1.0,
+        speckle_looks: float = 4.0,
+        seed: int = 0,
+        **loader_kwargs,
+    ) -> None:
+        super().__init__(**loader_kwargs)
+        self.n = {"train": n_train, "val": n_val, "test": n_test}
+        self.kw = dict(
+            seed=seed,
+            anomaly_fraction=anomaly_fraction,
+            lesion_scale=lesion_scale,
+            speckle_looks=speckle_looks,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, n in self.n.items():
+            if getattr(self, f"{split}_set") is None:
+                ds = make_split(n, self.image_size, split, **self.kw)
+                setattr(self, f"{split}_set", ds)

@@ -1,0 +1,1 @@
+"""One LightningModule per method; each is selected by its ``conf/method/<name>.yaml``."""

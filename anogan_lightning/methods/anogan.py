@@ -1,0 +1,136 @@
+"""AnoGAN (Schlegl et al., "Unsupervised Anomaly Detection with Generative Adversarial Networks to
+Guide Marker Discovery", IPMI 2017).
+
+Training: a DCGAN on normal images only (non-saturating GAN loss, Adam). Scoring (sec. 2.2-2.3):
+Γ steps of back-propagation on z with G and D frozen, minimising
+L(z) = (1 - λ)·L_R(z) + λ·L_D(z), L_R = Σ|x - G(z)|, L_D = Σ|f(x) - f(G(z))|; the anomaly score
+A(x) = (1 - λ)·R(x) + λ·D(x) with R, D the two terms at z_Γ. Components reported beside A:
+``residual`` (R), ``discrimination`` (D) and ``pd``, the trained discriminator's own verdict on
+the query (the paper's fourth comparison; -logit, so higher = less real). The pixel anomaly
+map is the residual |x - G(z_Γ)|.
+
+Choices the paper leaves open:
+- z-optimiser: Adam, lr 0.01 (``mapping_lr``), z initialised from the prior with a per-batch
+  seeded generator (reproducible scores) and clamped to the prior's support [-1, 1] after
+  each step.
+- f: the discriminator's last hidden block (``feature_layer=-1``), before the logit layer.
+- GAN training: DCGAN's Adam (lr 2e-4, betas (0.5, 0.999)), one D and one G update per batch.
+- The whole batch is mapped at once (see ``scoring.map_latent``); the paper maps one image
+  at a time, which leaves most of a GPU idle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
+from anogan_lightning.scoring import map_latent, residual_map
+
+
+class AnoGAN(AnomalyModule):
+    """DCGAN + iterative latent mapping; scores A, R, D and PD."""
+
+    needs_grad_at_test = True
+    components = ("residual", "discrimination", "pd")
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        channels: int = 1,
+        width: int = 64,
+        image_size: int = 64,
+        feature_layer: int = -1,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        lambda_fm: float = 0.1,
+        mapping_steps: int = 500,
+        mapping_lr: float = 0.01,
+        mapping_seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.generator = DCGANGenerator(latent_dim, channels, width, image_size)
+        self.discriminator = DCGANDiscriminator(channels, width, image_size, feature_layer)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return opt_d, opt_g
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if batch is None:
+            return
+        x = batch["x"]
+        opt_d, opt_g = self.optimizers()
+        z = sample_uniform_z(len(x), self.hparams.latent_dim, device=x.device)
+
+        x_fake = self.generator(z)  # before toggling: the G step back-propagates through it
+
+        # D step: maximise log D(x) + log(1 - D(G(z)))
+        self.toggle_optimizer(opt_d)
+        logit_real = self.discriminator(x)
+        logit_fake = self.discriminator(x_fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(
+            logit_real, torch.ones_like(logit_real)
+        ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+        self.check_finite(**{"train/loss_d": loss_d})
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # G step: non-saturating, maximise log D(G(z))
+        self.toggle_optimizer(opt_g)
+        logit_gen = self.discriminator(x_fake)
+        loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+        self.check_finite(**{"train/loss_g": loss_g})
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.log_dict(
+            {
+                "train/loss_d": loss_d.detach(),
+                "train/loss_g": loss_g.detach(),
+                "train/d_real": torch.sigmoid(logit_real).mean().detach(),
+                "train/d_fake": torch.sigmoid(logit_fake).mean().detach(),
+            },
+            prog_bar=True,
+        )
+
+    def initial_z(self, n: int, batch_idx: int) -> Tensor:
+        """Reproducible starting points: one generator seeded by (mapping_seed, batch index)."""
+        gen = torch.Generator().manual_seed(self.hparams.mapping_seed * 1_000_003 + batch_idx)
+        return sample_uniform_z(n, self.hparams.latent_dim, generator=gen).to(self.device)
+
+    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
+        x = batch["x"]
+        hp = self.hparams
+        m = map_latent(
+            self.generator,
+            self.discriminator,
+            x,
+            self.initial_z(len(x), batch_idx),
+            steps=hp.mapping_steps,
+            lam=hp.lambda_fm,
+            lr=hp.mapping_lr,
+            progress=hp.progress,
+        )
+        with torch.no_grad():
+            pd = -self.discriminator(x).float()  # higher = judged less real
+        return {
+            "score": m.score,
+            "residual": m.residual,
+            "discrimination": m.discrimination,
+            "pd": pd,
+            "x_hat": m.x_hat,
+            "amap": residual_map(x.float(), m.x_hat),
+            "z": m.z,
+        }

@@ -1,0 +1,143 @@
+"""AnomalyModule: the shared val/test logic. Methods implement ``training_step`` and ``score``."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from anogan_lightning import evaluation
+
+N_SAMPLES = 8  # images per class kept for samples.png
+
+
+class DivergenceError(FloatingPointError):
+    """A training loss became NaN or infinite."""
+
+
+class AnomalyModule(pl.LightningModule):
+    """Base of every method.
+
+    Subclasses implement ``score(batch, batch_idx) -> dict`` returning at least ``score`` (B,), raw, higher =
+    more anomalous; optionally more (B,) score components (each gets its own AUROC and a
+    ``scores.csv`` column), ``x_hat`` (B, C, H, W) and ``amap`` (B, 1, H, W).
+
+    At the end of validation the Youden cut-off of the val ROC is stored in the ``threshold``
+    buffer (so it lives in the checkpoint); test reports metrics at that threshold too.
+    ``records[split]`` keeps per-image ids, labels, scores and a few sample images for the run's
+    artefacts; ``results[split]`` the flat metrics.
+    """
+
+    #: methods whose scoring back-propagates at test time (latent search) set this
+    needs_grad_at_test: bool = False
+    #: image-level score components beside ``score``, in display order
+    components: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
+        self.records: dict[str, dict] = {}
+        self.results: dict[str, dict[str, float]] = {}
+        self._buffers_by_split: dict[str, dict] = {}
+
+    # -- subclasses ---------------------------------------------------------------------------
+    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+    def check_finite(self, **losses: Tensor) -> None:
+        """Stop training with one message naming the step and the loss term that diverged."""
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                raise DivergenceError(
+                    f"training diverged at global step {self.global_step} "
+                    f"(epoch {self.current_epoch}): {name} = {value.item()}"
+                )
+
+    def _check_grad_mode(self) -> None:
+        if self.needs_grad_at_test and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} back-propagates at test time (latent search): build the "
+                "Trainer with inference_mode=False (its conf/method yaml sets "
+                "trainer.inference_mode: false; do not override it)"
+            )
+
+    # -- evaluation loop ----------------------------------------------------------------------
+    def _start(self, split: str) -> None:
+        self._check_grad_mode()
+        self._buffers_by_split[split] = {
+            "ids": [],
+            "labels": [],
+            "score": [],
+            "components": defaultdict(list),
+            "samples": {0: [], 1: []},
+        }
+
+    def _collect(self, split: str, batch: dict, out: dict[str, Tensor]) -> None:
+        buf = self._buffers_by_split[split]
+        labels = batch["label"].detach().cpu()
+        buf["ids"].extend(batch["id"])
+        buf["labels"].append(labels)
+        buf["score"].append(out["score"].detach().float().cpu())
+        for name in self.components:
+            buf["components"][name].append(out[name].detach().float().cpu())
+        for cls in (0, 1):  # a few images per class for samples.png
+            need = N_SAMPLES - len(buf["samples"][cls])
+            idx = torch.nonzero(labels == cls).flatten()[:need]
+            for i in idx.tolist():
+                sample = {
+                    "x": batch["x"][i].detach().float().cpu(),
+                    "title": ("normal", "anomalous")[cls],
+                }
+                for key in ("x_hat", "amap"):
+                    if key in out:
+                        sample[key] = out[key][i].detach().float().cpu()
+                if "mask" in batch:
+                    sample["mask"] = batch["mask"][i].detach().float().cpu()
+                buf["samples"][cls].append(sample)
+
+    def _finish(self, split: str) -> dict[str, float]:
+        buf = self._buffers_by_split.pop(split)
+        if not buf["labels"]:
+            return {}
+        labels = torch.cat(buf["labels"])
+        scores = torch.cat(buf["score"])
+        components = {k: torch.cat(v) for k, v in buf["components"].items()}
+        val_threshold = float(self.threshold) if split == "test" else None
+        metrics = evaluation.evaluate(scores, labels, split, components, val_threshold)
+        if split == "val" and evaluation.has_both_classes(labels):
+            self.threshold.fill_(metrics["val/youden_threshold"])
+        self.records[split] = {
+            "ids": buf["ids"],
+            "labels": labels,
+            "score": scores,
+            "components": components,
+            "samples": buf["samples"][0] + buf["samples"][1],
+        }
+        self.results[split] = metrics
+        if metrics and self._trainer is not None:
+            self.log_dict({k: float(v) for k, v in metrics.items()}, sync_dist=False)
+        return metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._start("val")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch is not None:
+            self._collect("val", batch, self.score(batch, batch_idx))
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start("test")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if batch is not None:
+            self._collect("test", batch, self.score(batch, batch_idx))
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")

@@ -1,0 +1,108 @@
+"""DCGAN generator and discriminator (Radford et al. 2016) as used by AnoGAN (Schlegl et al. 2017).
+
+AnoGAN's grayscale variant: 5x5 kernels, stride 2, channels 512-256-128-64 for a 64x64 image
+(``width=64``), z 100-dim. Depth follows the image size: log2(image_size / 4) strided layers, so
+``image_size=64`` gives the paper's 4 fractionally-strided convolutions and 4 convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _n_layers(image_size: int) -> int:
+    n = int(math.log2(image_size)) - 2
+    if image_size < 8 or 2 ** (n + 2) != image_size:
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    return n
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """N(0, 0.02) conv weights, N(1, 0.02) norm scales, as in DCGAN."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """z (B, latent_dim) -> x (B, channels, S, S) in [-1, 1]."""
+
+    def __init__(
+        self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
+    ) -> None:
+        super().__init__()
+        n = _n_layers(image_size)
+        chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # 64x64: 512, 256, 128, 64
+        self.latent_dim = latent_dim
+        self.start = chans[0]
+        self.project = nn.Linear(latent_dim, chans[0] * 16)  # z -> (chans[0], 4, 4)
+        self.project_norm = nn.Sequential(nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans, chans[1:] + [channels], strict=True):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 5, 2, padding=2, output_padding=1))
+            if c_out != channels:
+                layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+        init_dcgan_weights(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.project(z).view(-1, self.start, 4, 4)
+        return self.net(self.project_norm(h))
+
+
+class DCGANDiscriminator(nn.Module):
+    """x (B, channels, S, S) -> logit (B,); ``features(x)`` returns every hidden block's output.
+
+    ``feature_layer`` indexes the hidden blocks (``-1``: the last, (B, 8*width, 4, 4) at 64x64);
+    it is the f(.) of AnoGAN's feature-matching loss.
+    """
+
+    def __init__(
+        self, channels: int = 1, width: int = 64, image_size: int = 64, feature_layer: int = -1
+    ) -> None:
+        super().__init__()
+        n = _n_layers(image_size)
+        chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
+        blocks = []
+        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
+            block = [nn.Conv2d(c_in, c_out, 5, 2, padding=2)]
+            if i > 0:  # no norm on the first layer, as in DCGAN
+                block.append(nn.BatchNorm2d(c_out))
+            block.append(nn.LeakyReLU(0.2, inplace=True))
+            blocks.append(nn.Sequential(*block))
+        self.blocks = nn.ModuleList(blocks)
+        if not -n <= feature_layer < n:
+            raise ValueError(f"feature_layer {feature_layer} out of range for {n} blocks")
+        self.feature_layer = feature_layer % n
+        self.head = nn.Linear(chans[-1] * 16, 1)
+        init_dcgan_weights(self)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logit (B,), f(x) (B, C, h, w)) in one pass."""
+        feats = self.features(x)
+        logit = self.head(feats[-1].flatten(1)).squeeze(1)
+        return logit, feats[self.feature_layer]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x)[-1].flatten(1)).squeeze(1)
+
+
+def sample_uniform_z(n: int, latent_dim: int, device=None, generator=None) -> Tensor:
+    """AnoGAN's prior: z ~ U(-1, 1)^latent_dim."""
+    return torch.rand(n, latent_dim, device=device, generator=generator) * 2 - 1

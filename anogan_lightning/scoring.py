@@ -1,0 +1,114 @@
+"""Stateless scoring: AnoGAN's latent mapping and the score components it yields.
+
+Shapes: x (B, C, H, W) in [-1, 1]; z (B, latent_dim); score (B,); amap (B, 1, H, W).
+Scores are raw (no min-max normalisation): AUROC only needs their order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def residual_map(x: Tensor, x_hat: Tensor) -> Tensor:
+    """|x - x_hat| averaged over channels: (B, 1, H, W)."""
+    return (x - x_hat).abs().mean(1, keepdim=True)
+
+
+def l1_per_sample(a: Tensor, b: Tensor) -> Tensor:
+    """sum |a - b| over all but the batch dimension: (B,)."""
+    return (a - b).abs().flatten(1).sum(1)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside the block; the previous state after it."""
+    states = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+            m.requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in states:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+
+
+@dataclass
+class Mapping:
+    """Result of :func:`map_latent` at the last step Γ."""
+
+    z: Tensor  # (B, latent_dim)
+    x_hat: Tensor  # (B, C, H, W), G(z_Γ)
+    residual: Tensor  # (B,) R(x) = sum |x - G(z_Γ)|
+    discrimination: Tensor  # (B,) D(x) = sum |f(x) - f(G(z_Γ))|
+    score: Tensor  # (B,) A(x) = (1 - λ) R(x) + λ D(x)
+    loss_history: Tensor  # (steps + 1,) batch-mean L(z) before each step and after the last
+
+
+def map_latent(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    x: Tensor,
+    z_init: Tensor,
+    steps: int = 500,
+    lam: float = 0.1,
+    lr: float = 0.01,
+    clamp: bool = True,
+    progress: bool = False,
+) -> Mapping:
+    """AnoGAN latent mapping (Schlegl et al. 2017, sec. 2.2), a whole batch at once.
+
+    Minimises L(z) = (1 - λ) L_R(z) + λ L_D(z) over z only, with L_R = Σ|x - G(z)| and
+    L_D = Σ|f(x) - f(G(z))|, f = ``discriminator.forward_with_features(.)[1]``. The per-sample
+    losses are summed, and G and D run in eval mode, so each sample's z gets exactly the gradient
+    it would get alone; Adam is element-wise, so the batch maps as each image would one by one.
+    z is kept in U(-1, 1)^d, the prior's support, by clamping after each step (``clamp``).
+    z, the losses and the optimizer state stay float32 under mixed precision.
+    Needs autograd: call outside ``torch.inference_mode``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "AnoGAN's latent mapping needs gradients at test time: run the Trainer with "
+            "inference_mode=False (the method's config sets trainer.inference_mode=false)"
+        )
+    x = x.float()
+    z = z_init.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    history = []
+    with frozen(generator, discriminator), torch.enable_grad():
+        with torch.no_grad():
+            f_x = discriminator.forward_with_features(x)[1].float()
+        steps_iter = range(steps + 1)
+        if progress:
+            steps_iter = tqdm(steps_iter, desc="latent mapping", leave=False, unit="step")
+        for step in steps_iter:
+            x_hat = generator(z).float()
+            f_hat = discriminator.forward_with_features(x_hat)[1].float()
+            residual = l1_per_sample(x, x_hat)
+            discrimination = l1_per_sample(f_x, f_hat)
+            loss = (1 - lam) * residual + lam * discrimination  # (B,)
+            history.append(loss.detach().mean())
+            if step == steps:  # losses at z_Γ, after the last update
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            if clamp:
+                with torch.no_grad():
+                    z.clamp_(-1, 1)
+    return Mapping(
+        z=z.detach(),
+        x_hat=x_hat.detach(),
+        residual=residual.detach(),
+        discrimination=discrimination.detach(),
+        score=loss.detach(),
+        loss_history=torch.stack(history),
+    )
