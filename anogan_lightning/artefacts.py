@@ -126,8 +126,58 @@ def plot_samples(path: Path, samples: list[dict], title: str = "") -> plt.Figure
     return fig
 
 
+def plot_anomaly_map(path: Path, sample: dict, vmax: float, title: str = "") -> plt.Figure:
+    """One test image side by side: input, reconstruction, |difference|, anomaly map over the
+    B-scan (Sparse-GAN Fig. 3 layout); the lesion mask is outlined in cyan where known."""
+    panels = [("input", sample["x"][0].numpy(), "gray")]
+    if "x_hat" in sample:
+        x_hat = sample["x_hat"][0].numpy()
+        panels.append(("reconstruction", x_hat, "gray"))
+        panels.append(("|difference|", abs(panels[0][1] - x_hat), "inferno"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.6 * (len(panels) + 1), 2.9))
+    for ax, (name, img, cmap) in zip(axes, panels, strict=False):
+        vmin, vmax_ = (-1, 1) if cmap == "gray" else (0, 2)
+        ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax_)
+        ax.set_title(name, fontsize=8)
+    ax = axes[-1]
+    ax.imshow(panels[0][1], cmap="gray", vmin=-1, vmax=1)
+    if "amap" in sample:
+        ax.imshow(sample["amap"][0].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
+    ax.set_title("anomaly map", fontsize=8)
+    for ax in axes:
+        if "mask" in sample and sample["mask"].any():
+            ax.contour(sample["mask"][0].numpy(), levels=[0.5], colors="cyan", linewidths=0.7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    label = ("normal", "anomalous")[sample["label"]]
+    fig.suptitle(f"{title}\n{sample['id']}  ({label}, score {sample['score']:.4g})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def write_anomaly_maps(out_dir: Path, record: dict, title: str = "") -> list[Path]:
+    """``anomaly_maps/highest_<k>.png`` and ``lowest_<k>.png``: the test images with the
+    highest and lowest scores, each with one colour scale so the maps compare."""
+    extremes = [("highest", s) for s in record.get("highest", [])]
+    extremes += [("lowest", s) for s in record.get("lowest", [])]
+    if not extremes:
+        return []
+    folder = out_dir / "anomaly_maps"
+    folder.mkdir(exist_ok=True)
+    vmax = max((float(s["amap"].max()) for _, s in extremes if "amap" in s), default=1.0)
+    paths = []
+    for rank, (kind, sample) in enumerate(extremes):
+        k = rank if kind == "highest" else rank - len(record.get("highest", []))
+        path = folder / f"{kind}_{k + 1}.png"
+        plt.close(plot_anomaly_map(path, sample, vmax or 1.0, title))
+        paths.append(path)
+    return paths
+
+
 def write_figures(out_dir: Path, record: dict, title: str = "") -> dict[str, plt.Figure]:
-    """roc.png, score_hist.png, samples.png from a test record; returns the figures (for loggers)."""
+    """roc.png, score_hist.png, samples.png, anomaly_maps/ from a test record; returns the
+    summary figures (for loggers)."""
     samples = record["samples"]
     figs = {}
     if evaluation.has_both_classes(record["labels"]):
@@ -135,6 +185,7 @@ def write_figures(out_dir: Path, record: dict, title: str = "") -> dict[str, plt
         figs["score_hist"] = plot_score_hist(out_dir / "score_hist.png", record, title)
     if samples:
         figs["samples"] = plot_samples(out_dir / "samples.png", samples, title)
+    write_anomaly_maps(out_dir, record, title)
     return figs
 
 

@@ -57,10 +57,13 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.method)
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")  # plain lists: safe to unpickle
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        callbacks=callbacks,
         logger=_instantiate_all(cfg.get("logger")) or False,
     )
     if getattr(model, "needs_grad_at_test", False) and cfg.trainer.get("inference_mode", True):

@@ -36,14 +36,15 @@ _LAYERS = (
     (0.00, 0.80),  # RNFL
     (0.10, 0.45),  # GCL
     (0.24, 0.58),  # IPL
-    (0.34, 0.24),  # INL
+    (0.34, 0.32),  # INL
     (0.46, 0.55),  # OPL
-    (0.54, 0.16),  # ONL
+    (0.54, 0.28),  # ONL
     (0.80, 0.72),  # ELM / IS-OS line
     (0.87, 0.34),  # outer segments
     (0.91, 0.97),  # RPE
 )
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+NATIVE_ROWS = 256  # speckle grain is set at this resolution; smaller renders average it down
 
 
 def _layer_profile(t: np.ndarray) -> np.ndarray:
@@ -118,7 +119,9 @@ def render_bscan(
             mask |= dot
 
     img = gaussian_filter(img * rng.uniform(0.85, 1.1), sigma=0.35 * size / 64)
-    speckle = rng.gamma(speckle_looks, 1.0 / speckle_looks, size=(size, size))
+    # speckle of a scan NATIVE_ROWS high, averaged down to `size` rows: more looks per pixel
+    looks = speckle_looks * max(1.0, NATIVE_ROWS / size)
+    speckle = rng.gamma(looks, 1.0 / looks, size=(size, size))
     speckle = gaussian_filter(speckle, sigma=0.5) / gaussian_filter(np.ones_like(speckle), 0.5)
     img = img * speckle + rng.normal(0, 0.02, size=(size, size))
     return np.clip(img, 0, 1).astype(np.float32), mask.astype(np.uint8)

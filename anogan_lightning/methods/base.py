@@ -12,6 +12,7 @@ from torch import Tensor
 from anogan_lightning import evaluation
 
 N_SAMPLES = 8  # images per class kept for samples.png
+N_EXTREMES = 4  # highest- and lowest-scoring test images kept for anomaly_maps/
 
 
 class DivergenceError(FloatingPointError):
@@ -35,6 +36,8 @@ class AnomalyModule(pl.LightningModule):
     needs_grad_at_test: bool = False
     #: image-level score components beside ``score``, in display order
     components: tuple[str, ...] = ()
+    #: the logged training loss that a few steps on one fixed batch must lower (tests)
+    fixed_batch_loss: str = "train/loss"
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,30 +77,48 @@ class AnomalyModule(pl.LightningModule):
             "score": [],
             "components": defaultdict(list),
             "samples": {0: [], 1: []},
+            "highest": [],
+            "lowest": [],
         }
+
+    @staticmethod
+    def _sample(batch: dict, out: dict[str, Tensor], i: int) -> dict:
+        """One image's tensors (CPU, float32) for the figures."""
+        label = int(batch["label"][i])
+        sample = {
+            "x": batch["x"][i].detach().float().cpu(),
+            "label": label,
+            "id": str(batch["id"][i]),
+            "score": float(out["score"][i]),
+            "title": ("normal", "anomalous")[label],
+        }
+        for key in ("x_hat", "amap"):
+            if key in out:
+                sample[key] = out[key][i].detach().float().cpu()
+        if "mask" in batch:
+            sample["mask"] = batch["mask"][i].detach().float().cpu()
+        return sample
 
     def _collect(self, split: str, batch: dict, out: dict[str, Tensor]) -> None:
         buf = self._buffers_by_split[split]
         labels = batch["label"].detach().cpu()
+        score = out["score"].detach().float().cpu()
         buf["ids"].extend(batch["id"])
         buf["labels"].append(labels)
-        buf["score"].append(out["score"].detach().float().cpu())
+        buf["score"].append(score)
         for name in self.components:
             buf["components"][name].append(out[name].detach().float().cpu())
-        for cls in (0, 1):  # a few images per class for samples.png
+        for cls in (0, 1):  # the first few images per class for samples.png
             need = N_SAMPLES - len(buf["samples"][cls])
-            idx = torch.nonzero(labels == cls).flatten()[:need]
-            for i in idx.tolist():
-                sample = {
-                    "x": batch["x"][i].detach().float().cpu(),
-                    "title": ("normal", "anomalous")[cls],
-                }
-                for key in ("x_hat", "amap"):
-                    if key in out:
-                        sample[key] = out[key][i].detach().float().cpu()
-                if "mask" in batch:
-                    sample["mask"] = batch["mask"][i].detach().float().cpu()
-                buf["samples"][cls].append(sample)
+            for i in torch.nonzero(labels == cls).flatten()[:need].tolist():
+                buf["samples"][cls].append(self._sample(batch, out, i))
+        # running top-k / bottom-k by score, for the anomaly-map figures
+        k = min(N_EXTREMES, len(score))
+        for key, descending in (("highest", True), ("lowest", False)):
+            idx = torch.sort(score, descending=descending, stable=True).indices[:k]
+            merged = buf[key] + [self._sample(batch, out, i) for i in idx.tolist()]
+            merged.sort(key=lambda s: s["score"], reverse=descending)
+            buf[key] = merged[:N_EXTREMES]
 
     def _finish(self, split: str) -> dict[str, float]:
         buf = self._buffers_by_split.pop(split)
@@ -116,6 +137,8 @@ class AnomalyModule(pl.LightningModule):
             "score": scores,
             "components": components,
             "samples": buf["samples"][0] + buf["samples"][1],
+            "highest": buf["highest"],
+            "lowest": buf["lowest"],
         }
         self.results[split] = metrics
         if metrics and self._trainer is not None:

@@ -1,0 +1,142 @@
+"""The entry point: the exact command line, its files, overrides, multirun and failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import METHODS, REPO, compose_cfg, tiny_overrides
+from omegaconf import OmegaConf
+
+from anogan_lightning.train import run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+RESULT_KEYS = [
+    f"{split}/{k}"
+    for split in ("val", "test")
+    for k in ("auroc", "ap", "sensitivity", "specificity", "precision", "recall")
+] + [
+    "test/accuracy_at_val_threshold",
+    "test/sensitivity_at_val_threshold",
+    "test/auroc_residual",
+    "test/auroc_discrimination",
+    "test/auroc_pd",
+]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "anogan_lightning.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_command_line_writes_every_artefact(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = _cli(*tiny_overrides("anogan"), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in RESULT_KEYS:
+        assert isinstance(results[key], float) and math.isfinite(results[key]), key
+    for name in ("scores.csv", "roc.png", "score_hist.png", "samples.png", "config.yaml"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert (run_dir / "checkpoints/model.ckpt").is_file()
+    assert (run_dir / "checkpoints/last.ckpt").is_file()
+    header = (run_dir / "scores.csv").read_text().splitlines()[0]
+    assert header == "id,label,score,residual,discrimination,pd"
+    # the same table is printed at the end
+    assert "| auroc |" in proc.stdout and f"{results['test/auroc']:.4f}" in proc.stdout
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.method._target_.endswith("AnoGAN") and cfg.trainer.inference_mode is False
+
+
+def test_no_method_lists_the_methods(tmp_path: Path):
+    proc = _cli(cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no method selected")
+    assert all(m in lines[0] for m in METHODS)
+
+
+def test_multirun_sweeps_an_override(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_overrides("anogan") if not a.startswith("method.mapping_steps")]
+    proc = _cli("-m", *args, "method.mapping_steps=1,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = sorted(
+        OmegaConf.load(sweep / str(i) / "config.yaml").method.mapping_steps for i in (0, 1)
+    )
+    assert steps == [1, 4]
+    assert all((sweep / str(i) / "results.json").is_file() for i in (0, 1))
+
+
+def test_overrides_compose(tmp_path: Path):
+    cfg = compose_cfg(
+        [
+            "+method=anogan",
+            "data=kermany",
+            "data.root=/data/OCT2017",
+            "trainer=gpu",
+            "trainer.precision=bf16-mixed",
+            "logger=wandb",
+            "method.lambda_fm=0.2",
+            "seed=3",
+        ],
+        tmp_path,
+    )
+    assert cfg.data.root == "/data/OCT2017" and cfg.data._target_.endswith("KermanyDataModule")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.inference_mode is False  # from the method's config, not the user
+    assert cfg.method.lambda_fm == 0.2 and cfg.seed == 3
+    assert cfg.method.image_size == cfg.data.image_size
+    assert cfg.logger.wandb._target_.endswith("WandbLogger")
+
+
+def test_same_seed_same_metrics(tmp_path: Path):
+    a = run(compose_cfg(tiny_overrides("anogan"), tmp_path / "a"))
+    b = run(compose_cfg(tiny_overrides("anogan"), tmp_path / "b"))
+    keys = [k for k in a if k.startswith(("val/", "test/"))]
+    assert keys and all(a[k] == pytest.approx(b[k], nan_ok=True) for k in keys)
+
+
+def test_inference_mode_override_fails_early(tmp_path: Path):
+    cfg = compose_cfg([*tiny_overrides("anogan"), "trainer.inference_mode=true"], tmp_path)
+    with pytest.raises(ValueError, match="inference_mode=false"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # failed before training
+
+
+def test_divergence_stops_with_one_message(tmp_path: Path, monkeypatch):
+    """A NaN loss names the step and the loss term; the last good checkpoint stays."""
+    from anogan_lightning.nets.dcgan import DCGANDiscriminator
+
+    forward = DCGANDiscriminator.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        out = forward(self, x)
+        return out * math.nan if calls["n"] > 3 * 4 * 2 else out  # 2nd epoch: 4 steps/epoch
+
+    monkeypatch.setattr(DCGANDiscriminator, "forward", poisoned)
+    cfg = compose_cfg([*tiny_overrides("anogan"), "trainer.max_epochs=3"], tmp_path)
+    with pytest.raises(SystemExit) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert "train/loss_d = nan" in msg and "global step" in msg and "epoch 2" in msg
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
+    state = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
+    weights = {k: v for k, v in state["state_dict"].items() if k != "threshold"}
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
