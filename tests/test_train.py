@@ -140,3 +140,15 @@ def test_divergence_stops_with_one_message(tmp_path: Path, monkeypatch):
     state = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
     weights = {k: v for k, v in state["state_dict"].items() if k != "threshold"}
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_wandb_offline_run_folder(tmp_path: Path, monkeypatch):
+    """logger=wandb works without an account or network (WANDB_MODE=offline)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    results = run(compose_cfg([*tiny_overrides("anogan"), "logger=wandb"], tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and math.isfinite(results["test/auroc"])
+    assert any(runs[0].rglob("*.wandb"))  # the run's log, for `wandb sync`
