@@ -60,21 +60,21 @@ def render_bscan(
     lesions: tuple[str, ...] = (),
     lesion_scale: float = 1.0,
     speckle_looks: float = 4.0,
+    shape_variability: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One B-scan: (image (S, S) float32 in [0, 1], lesion mask (S, S) uint8)."""
     u = np.linspace(0.0, 1.0, size)[None, :]  # columns, (1, S)
     v = (np.arange(size)[:, None] + 0.5) / size  # rows, top = 0, (S, 1)
 
-    # geometry, in fractions of the image height
-    centre = rng.uniform(0.50, 0.62)
-    curve = rng.uniform(-0.25, 0.35)
-    tilt = rng.uniform(-0.12, 0.12)
-    thick = rng.uniform(0.26, 0.36)
-    fovea_u, fovea_w, fovea_d = (
-        rng.uniform(0.35, 0.65),
-        rng.uniform(0.06, 0.12),
-        rng.uniform(0.3, 0.6),
-    )
+    # geometry, in fractions of the image height; each range is centre ± half-width·variability
+    def jitter(mid: float, half: float) -> float:
+        return mid + half * shape_variability * rng.uniform(-1, 1)
+
+    centre = jitter(0.55, 0.04)
+    curve = jitter(0.05, 0.15)
+    tilt = jitter(0.0, 0.06)
+    thick = jitter(0.31, 0.04)
+    fovea_u, fovea_w, fovea_d = jitter(0.5, 0.1), jitter(0.09, 0.02), jitter(0.45, 0.12)
     rpe = centre + curve * (u - 0.5) ** 2 + tilt * (u - 0.5) + thick / 2  # Bruch's membrane, (1, S)
     thickness = thick * (1 - fovea_d * np.exp(-(((u - fovea_u) / fovea_w) ** 2)))
     ilm = rpe - thickness
@@ -82,11 +82,14 @@ def render_bscan(
 
     mask = np.zeros((size, size), dtype=bool)
     s = lesion_scale
+    # lesion parameters come from their own stream, so a scan with and without a lesion share
+    # geometry and speckle (the same scan, before and after the disease)
+    base_rng, rng = rng, np.random.default_rng(rng.integers(1 << 62))
     if "drusen" in lesions:
         du, dw, dh = (
             rng.uniform(0.25, 0.75),
-            rng.uniform(0.05, 0.09) * s,
-            rng.uniform(0.05, 0.08) * s,
+            rng.uniform(0.06, 0.11) * s,
+            rng.uniform(0.07, 0.11) * s,
         )
         bump = dh * np.exp(-(((u - du) / dw) ** 2))
         rpe = rpe - bump  # the RPE rises; the retina above it is compressed
@@ -102,7 +105,7 @@ def render_bscan(
 
     if "fluid" in lesions:
         cu, ct = rng.uniform(0.25, 0.75), rng.uniform(0.45, 0.7)
-        rx, ry = rng.uniform(0.07, 0.13) * s, rng.uniform(0.035, 0.06) * s
+        rx, ry = rng.uniform(0.09, 0.15) * s, rng.uniform(0.05, 0.08) * s
         cv = ilm + ct * (rpe - ilm)  # (1, S): the row of depth ct in every column
         cv_at = np.take_along_axis(cv, np.array([[int(cu * (size - 1))]]), axis=1)
         cyst = ((u - cu) / rx) ** 2 + ((v - cv_at) / ry) ** 2 <= 1
@@ -118,7 +121,8 @@ def render_bscan(
             img = np.where(dot, 1.0, img)
             mask |= dot
 
-    img = gaussian_filter(img * rng.uniform(0.85, 1.1), sigma=0.35 * size / 64)
+    rng = base_rng
+    img = gaussian_filter(img * rng.uniform(0.92, 1.06), sigma=0.35 * size / 64)
     # speckle of a scan NATIVE_ROWS high, averaged down to `size` rows: more looks per pixel
     looks = speckle_looks * max(1.0, NATIVE_ROWS / size)
     speckle = rng.gamma(looks, 1.0 / looks, size=(size, size))
@@ -135,6 +139,7 @@ def make_split(
     anomaly_fraction: float = 0.5,
     lesion_scale: float = 1.0,
     speckle_looks: float = 4.0,
+    shape_variability: float = 1.0,
 ) -> ArrayDataset:
     """``n`` B-scans of one split. train: normal only; val/test: anomalous with prob. fraction."""
     images = np.empty((n, 1, size, size), dtype=np.float32)
@@ -146,9 +151,11 @@ def make_split(
         if split != "train" and rng.random() < anomaly_fraction:
             k = rng.integers(1, 3)
             lesions = tuple(rng.choice(LESIONS, size=k, replace=False))
-        img, m = render_bscan(rng, size, lesions, lesion_scale, speckle_looks)
+        img, m = render_bscan(rng, size, lesions, lesion_scale, speckle_looks, shape_variability)
         if lesions and not m.any():  # a lesion too small to occupy a pixel: re-render bigger
-            img, m = render_bscan(rng, size, lesions, lesion_scale * 1.5, speckle_looks)
+            img, m = render_bscan(
+                rng, size, lesions, lesion_scale * 1.5, speckle_looks, shape_variability
+            )
         images[i, 0] = img * 2 - 1
         masks[i, 0] = m
         labels[i] = int(m.any())
@@ -169,6 +176,7 @@ class SyntheticOCTDataModule(AnomalyDataModule):
         anomaly_fraction: float = 0.5,
         lesion_scale: float = 1.0,
         speckle_looks: float = 4.0,
+        shape_variability: float = 1.0,
         seed: int = 0,
         **loader_kwargs,
     ) -> None:
@@ -179,6 +187,7 @@ class SyntheticOCTDataModule(AnomalyDataModule):
             anomaly_fraction=anomaly_fraction,
             lesion_scale=lesion_scale,
             speckle_looks=speckle_looks,
+            shape_variability=shape_variability,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,6 +13,9 @@ Choices the paper leaves open:
 - z-optimiser: Adam, lr 0.01 (``mapping_lr``), z initialised from the prior with a per-batch
   seeded generator (reproducible scores) and clamped to the prior's support [-1, 1] after
   each step.
+- z_1: the paper draws one z_1 at random. ``mapping_restarts`` K > 1 draws K and starts from
+  the one with the lowest L(z) (K forward passes, no gradients): a cheap guard against
+  starting in the wrong basin (a retina mapped to the wrong height, say). Default 1 (paper).
 - f: the discriminator's last hidden block (``feature_layer=-1``), before the logit layer.
 - GAN training: DCGAN's Adam (lr 2e-4, betas (0.5, 0.999)), one D and one G update per batch.
 - The whole batch is mapped at once (see ``scoring.map_latent``); the paper maps one image
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
-from anogan_lightning.scoring import map_latent, residual_map
+from anogan_lightning.scoring import frozen, l1_per_sample, map_latent, residual_map
 
 
 class AnoGAN(AnomalyModule):
@@ -51,6 +54,7 @@ class AnoGAN(AnomalyModule):
         mapping_lr: float = 0.01,
         mapping_seed: int = 0,
         progress: bool = True,
+        mapping_restarts: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,6 +115,25 @@ class AnoGAN(AnomalyModule):
         gen = torch.Generator().manual_seed(self.hparams.mapping_seed * 1_000_003 + batch_idx)
         return sample_uniform_z(n, self.hparams.latent_dim, generator=gen).to(self.device)
 
+    def start_z(self, x: Tensor, batch_idx: int) -> Tensor:
+        """z_1 per image: one prior draw, or with ``mapping_restarts`` K > 1 the draw of K with the
+        lowest mapping loss L(z) (forward passes only; the Γ steps then start from it)."""
+        k = self.hparams.get("mapping_restarts", 1)
+        if k <= 1:
+            return self.initial_z(len(x), batch_idx)
+        cands = self.initial_z(k * len(x), batch_idx).view(k, len(x), -1)  # (K, B, latent_dim)
+        lam = self.hparams.lambda_fm
+        g, d = self.generator, self.discriminator
+        with frozen(g, d), torch.no_grad():
+            f_x = d.forward_with_features(x)[1].float()
+            losses = []
+            for z in cands:  # one batch of G at a time: memory as for the mapping itself
+                x_hat = g(z).float()
+                f_hat = d.forward_with_features(x_hat)[1].float()
+                losses.append((1 - lam) * l1_per_sample(x, x_hat) + lam * l1_per_sample(f_x, f_hat))
+        best = torch.stack(losses).argmin(0)  # (B,)
+        return cands[best, torch.arange(len(x), device=best.device)]
+
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         hp = self.hparams
@@ -118,7 +141,7 @@ class AnoGAN(AnomalyModule):
             self.generator,
             self.discriminator,
             x,
-            self.initial_z(len(x), batch_idx),
+            self.start_z(x.float(), batch_idx),
             steps=hp.mapping_steps,
             lam=hp.lambda_fm,
             lr=hp.mapping_lr,
