@@ -7,8 +7,10 @@ into the Hydra run directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -113,6 +115,18 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def _finished(out_dir: Path) -> dict | None:
+    """The results of a job that already finished in ``out_dir`` (a rerun sweep), else None."""
+    f = out_dir / "results.json"
+    if not f.is_file():
+        return None
+    try:
+        results = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return results if "test/auroc" in results else None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("method") is None:
@@ -120,7 +134,19 @@ def main(cfg: DictConfig) -> float | None:
             "error: no method selected; add +method=<name> with one of: "
             + ", ".join(available_methods())
         )
-    results = run(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("skip_finished", True) and (done := _finished(out_dir)) is not None:
+        log.info("already finished, skipped (skip_finished=false reruns it): %s", out_dir)
+        return done.get("val/auroc")
+    try:
+        results = run(cfg)
+    except BaseException as err:  # noqa: BLE001  (recorded for the report, then re-raised)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "error.txt").write_text(
+            "".join(traceback.format_exception(err)) + f"\n{type(err).__name__}: {err}\n"
+        )
+        raise
+    (out_dir / "error.txt").unlink(missing_ok=True)
     return results.get("val/auroc")  # the value an Optuna sweeper optimises
 
 

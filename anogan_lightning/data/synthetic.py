@@ -5,14 +5,22 @@ pit, between the inner limiting membrane (ILM, top) and the retinal pigment epit
 bottom), over a dark vitreous and a fading choroid. Inside, the depth coordinate
 t = (row - ILM) / (RPE - ILM) picks a reflectivity from a layer table (RNFL bright, nuclear
 layers dark, plexiform layers medium, photoreceptor line bright, RPE brightest). Speckle is
-multiplicative Gamma(L, 1/L) noise, spatially correlated by a small blur, as in real OCT.
+multiplicative Gamma(L, 1/L) noise, spatially correlated by a small blur, as in real OCT; its
+grain is set for a 256-row scan (``speckle_looks`` looks there) and averaged down to the render
+size, as resizing a real B-scan averages its speckle.
+
+Position, tilt, curvature, thickness and the foveal pit vary per scan; ``shape_variability``
+scales those ranges (1 = the default demo setting, 2 = twice as wide and clearly harder for
+every method: with more shape variation normal anatomy itself is harder to reproduce).
 
 Lesions (label 1), each with a pixel mask:
 - ``fluid``: a dark intraretinal cyst (ellipse in the nuclear layers);
 - ``foci``: a few bright hyperreflective dots in the inner retina;
 - ``drusen``: an RPE elevation, the space under the raised RPE filled with medium reflectivity.
 An anomalous image carries one or two of them. ``lesion_scale`` scales their size (1 = the
-default, clearly visible setting; smaller is harder).
+default, clearly visible setting: cysts and elevations of large DME/drusen size; smaller is
+harder). The lesion parameters come from their own random stream, so the same scan can be
+rendered with and without its lesion.
 
 Every image is a pure function of (seed, split, index): deterministic, independent of the
 number of images asked for, and fast (~0.1 ms per 64x64 image).
@@ -70,11 +78,11 @@ def render_bscan(
     def jitter(mid: float, half: float) -> float:
         return mid + half * shape_variability * rng.uniform(-1, 1)
 
-    centre = jitter(0.55, 0.04)
-    curve = jitter(0.05, 0.15)
-    tilt = jitter(0.0, 0.06)
-    thick = jitter(0.31, 0.04)
-    fovea_u, fovea_w, fovea_d = jitter(0.5, 0.1), jitter(0.09, 0.02), jitter(0.45, 0.12)
+    centre = jitter(0.55, 0.02)
+    curve = jitter(0.05, 0.075)
+    tilt = jitter(0.0, 0.03)
+    thick = jitter(0.31, 0.02)
+    fovea_u, fovea_w, fovea_d = jitter(0.5, 0.05), jitter(0.09, 0.01), jitter(0.45, 0.06)
     rpe = centre + curve * (u - 0.5) ** 2 + tilt * (u - 0.5) + thick / 2  # Bruch's membrane, (1, S)
     thickness = thick * (1 - fovea_d * np.exp(-(((u - fovea_u) / fovea_w) ** 2)))
     ilm = rpe - thickness
@@ -88,8 +96,8 @@ def render_bscan(
     if "drusen" in lesions:
         du, dw, dh = (
             rng.uniform(0.25, 0.75),
-            rng.uniform(0.06, 0.11) * s,
-            rng.uniform(0.07, 0.11) * s,
+            rng.uniform(0.09, 0.16) * s,
+            rng.uniform(0.10, 0.16) * s,
         )
         bump = dh * np.exp(-(((u - du) / dw) ** 2))
         rpe = rpe - bump  # the RPE rises; the retina above it is compressed
@@ -105,7 +113,7 @@ def render_bscan(
 
     if "fluid" in lesions:
         cu, ct = rng.uniform(0.25, 0.75), rng.uniform(0.45, 0.7)
-        rx, ry = rng.uniform(0.09, 0.15) * s, rng.uniform(0.05, 0.08) * s
+        rx, ry = rng.uniform(0.13, 0.22) * s, rng.uniform(0.07, 0.12) * s
         cv = ilm + ct * (rpe - ilm)  # (1, S): the row of depth ct in every column
         cv_at = np.take_along_axis(cv, np.array([[int(cu * (size - 1))]]), axis=1)
         cyst = ((u - cu) / rx) ** 2 + ((v - cv_at) / ry) ** 2 <= 1
@@ -113,7 +121,7 @@ def render_bscan(
         img = np.where(cyst, 0.02, img)
         mask |= cyst
     if "foci" in lesions:
-        r = max(1.0 / size, 0.018 * s)
+        r = max(1.0 / size, 0.025 * s)
         for _ in range(rng.integers(3, 7)):
             fu, ft = rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.55)
             fv = ilm[0, int(fu * (size - 1))] + ft * thickness[0, int(fu * (size - 1))]

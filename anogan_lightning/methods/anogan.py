@@ -18,6 +18,8 @@ Choices the paper leaves open:
   starting in the wrong basin (a retina mapped to the wrong height, say). Default 1 (paper).
 - f: the discriminator's last hidden block (``feature_layer=-1``), before the logit layer.
 - GAN training: DCGAN's Adam (lr 2e-4, betas (0.5, 0.999)), one D and one G update per batch.
+  ``real_label`` < 1 is one-sided label smoothing of D's real targets (Salimans et al. 2016);
+  the CPU demo config uses 0.9, which keeps D from saturating early on small data.
 - The whole batch is mapped at once (see ``scoring.map_latent``); the paper maps one image
   at a time, which leaves most of a GPU idle.
 """
@@ -55,6 +57,7 @@ class AnoGAN(AnomalyModule):
         mapping_seed: int = 0,
         progress: bool = True,
         mapping_restarts: int = 1,
+        real_label: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -81,9 +84,8 @@ class AnoGAN(AnomalyModule):
         self.toggle_optimizer(opt_d)
         logit_real = self.discriminator(x)
         logit_fake = self.discriminator(x_fake.detach())
-        loss_d = F.binary_cross_entropy_with_logits(
-            logit_real, torch.ones_like(logit_real)
-        ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+        real_target = torch.full_like(logit_real, self.hparams.get("real_label", 1.0))
+        loss_d = F.binary_cross_entropy_with_logits(logit_real, real_target) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
         self.check_finite(**{"train/loss_d": loss_d})
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
