@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from anogan_lightning import evaluation  # noqa: E402
+from anogan_lightning import evaluation, pixel_eval  # noqa: E402
 
 TABLE_KEYS = (
     "auroc",
@@ -24,6 +24,8 @@ TABLE_KEYS = (
     "recall",
     "accuracy_at_val_threshold",
     "sensitivity_at_val_threshold",
+    "pixel_auroc",
+    "pixel_best_dice",
 )
 
 
@@ -186,6 +188,11 @@ def write_figures(out_dir: Path, record: dict, title: str = "") -> dict[str, plt
     if samples:
         figs["samples"] = plot_samples(out_dir / "samples.png", samples, title)
     write_anomaly_maps(out_dir, record, title)
+    pixel = record.get("pixel")
+    if pixel is not None:  # stitched B-scans of OCT volumes with their masks
+        pixel_eval.write_overlays(
+            out_dir / "bscans", pixel["maps"], pixel["masks"], pixel["image"], pixel["ids"], n=8
+        )
     return figs
 
 

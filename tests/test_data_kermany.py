@@ -437,3 +437,15 @@ def test_to_unit_range_and_bad_crop():
     assert abs(out[0, 2] - 0.0039) < 1e-3
     with pytest.raises(ValueError, match="left=40"):
         crop_square(np.zeros((32, 64), np.uint8), left=40)
+
+
+@needs_mini
+def test_mini_flatten_option():
+    """data.flatten=true flattens each scan before the resize (real B-scans)."""
+    path = sorted((MINI / "train/NORMAL").glob("NORMAL-*"))[0]
+    flat = read_image(path, 64, flatten=True)
+    plain = read_image(path, 64)
+    assert flat.shape == plain.shape and not np.array_equal(flat, plain)
+    dm = KermanyDataModule(str(MINI), image_size=S, preload=False, flatten=True)
+    dm.setup("test")
+    assert dm.test_set.flatten and dm.test_set[0]["x"].shape == (1, S, S)

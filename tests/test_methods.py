@@ -41,6 +41,7 @@ def test_fit_test_and_artefacts(method: str, fitted, tmp_path_factory):
         for key in ("auroc", "ap", "sensitivity", "specificity", "precision", "recall"):
             assert math.isfinite(results[f"{split}/{key}"]), f"{split}/{key}"
     assert math.isfinite(results["test/accuracy_at_val_threshold"])
+    assert 0 <= results["test/pixel_auroc"] <= 1  # synthetic data has lesion masks
     assert math.isfinite(results["test/sensitivity_at_val_threshold"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["test/auroc"] == pytest.approx(results["test/auroc"])

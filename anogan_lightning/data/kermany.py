@@ -22,6 +22,11 @@ than tall after the height resize are padded symmetrically in width with the ima
 value (the dark background). ``resize="squash"`` resizes straight to (S, S) instead; it leaks the
 width and is there only for comparison.
 
+Flattening (``flatten=True``): every B-scan is first flattened on its detected Bruch's
+membrane (:func:`anogan_lightning.data.preprocess.flatten_bscan`), as the AnoGAN paper does for
+its volumes, so curvature and tilt do not have to be modelled as normal variation. It costs
+about 0.07 s of CPU per image (done once when preloading).
+
 Loading. JPEGs are decoded at a reduced DCT scale (``PIL.Image.draft``) and converted to
 grayscale. With ``preload=True`` every image is read once in :meth:`setup` and kept as its
 height-resized uint8 strip (S, W >= S), so random crops still work; all strips of a split share
@@ -49,6 +54,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from anogan_lightning.data.base import AnomalyDataModule
+from anogan_lightning.data.preprocess import flatten_bscan
 from anogan_lightning.data.transforms import (
     crop_square,
     fit_height,
@@ -153,9 +159,20 @@ def split_by_patient(
     return sorted(train), sorted(val_no), sorted(val_ab)
 
 
-def read_image(path: str | Path, image_size: int, resize: str = "crop") -> np.ndarray:
-    """uint8 grayscale: a strip (S, W >= S) for ``resize="crop"``, (S, S) for ``"squash"``."""
+def read_image(
+    path: str | Path, image_size: int, resize: str = "crop", flatten: bool = False
+) -> np.ndarray:
+    """uint8 grayscale: a strip (S, W >= S) for ``resize="crop"``, (S, S) for ``"squash"``.
+
+    ``flatten``: before resizing, shift every column so the detected Bruch's membrane is a
+    straight row (:func:`anogan_lightning.data.preprocess.flatten_bscan`), decoded at no less
+    than twice the output height.
+    """
     with Image.open(path) as img:
+        if flatten:
+            if img.format == "JPEG":
+                img.draft("L", (1, 2 * image_size))
+            img = Image.fromarray(flatten_bscan(np.asarray(img.convert("L"))))
         if resize == "squash":
             return squash(img, image_size)
         return pad_width(fit_height(img, image_size), image_size)
@@ -176,6 +193,7 @@ class KermanyDataset(Dataset):
         image_size: int,
         resize: str = "crop",
         crop: str = "center",
+        flatten: bool = False,
     ) -> None:
         assert len(paths) == len(labels) == len(classes)
         self.paths = [Path(p) for p in paths]
@@ -184,6 +202,7 @@ class KermanyDataset(Dataset):
         self.image_size = image_size
         self.resize = resize
         self.crop = crop
+        self.flatten = flatten
         self.n_skipped = 0
         self._bad: set[Path] = set()
         self._strips: np.ndarray | None = None  # (S, sum of widths) uint8 when preloaded
@@ -194,7 +213,7 @@ class KermanyDataset(Dataset):
 
     def _read(self, path: Path) -> np.ndarray | None:
         try:
-            return read_image(path, self.image_size, self.resize)
+            return read_image(path, self.image_size, self.resize, self.flatten)
         except Exception as e:  # any decoder error: one bad file must not stop an epoch
             if path not in self._bad:
                 self._bad.add(path)
@@ -250,6 +269,7 @@ class KermanyDataModule(AnomalyDataModule):
         resize: str = "crop",
         train_crop: str = "random",
         preload: bool = True,
+        flatten: bool = False,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -274,6 +294,7 @@ class KermanyDataModule(AnomalyDataModule):
         self.resize = resize
         self.train_crop = train_crop
         self.preload = preload
+        self.flatten = flatten
         self.seed = seed
 
     @property
@@ -286,7 +307,9 @@ class KermanyDataModule(AnomalyDataModule):
         paths = [p for p, _ in items]
         classes = [c for _, c in items]
         labels = [0 if _is_normal(c) else 1 for c in classes]
-        return KermanyDataset(paths, labels, classes, self.image_size, self.resize, crop)
+        return KermanyDataset(
+            paths, labels, classes, self.image_size, self.resize, crop, self.flatten
+        )
 
     def _split_dir(self, name: str) -> Path:
         d = self.root / name

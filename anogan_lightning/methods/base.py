@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from anogan_lightning import evaluation
+from anogan_lightning import evaluation, pixel_eval
 
 N_SAMPLES = 8  # images per class kept for samples.png
 N_EXTREMES = 4  # highest- and lowest-scoring test images kept for anomaly_maps/
@@ -69,9 +69,25 @@ class AnomalyModule(pl.LightningModule):
             )
 
     # -- evaluation loop ----------------------------------------------------------------------
+    def _eval_dataset(self, split: str):
+        """The dataset behind this split's loader (None outside a Trainer)."""
+        if self._trainer is None:
+            return None
+        loaders = getattr(self.trainer, f"{'val' if split == 'val' else 'test'}_dataloaders", None)
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[0] if loaders else None
+        return getattr(loaders, "dataset", None)
+
     def _start(self, split: str) -> None:
         self._check_grad_mode()
+        ds = self._eval_dataset(split)
+        # patches of larger images (OCT volumes) with masks: maps stitched back per B-scan
+        stitched = getattr(ds, "has_mask", False) and hasattr(ds, "image_shapes")
         self._buffers_by_split[split] = {
+            "dataset": ds,
+            "stitcher": pixel_eval.Stitcher(ds.image_shapes) if stitched else None,
+            "pixel_maps": [],  # whole images with masks: (B, H, W) maps and masks
+            "pixel_masks": [],
             "ids": [],
             "labels": [],
             "score": [],
@@ -112,6 +128,13 @@ class AnomalyModule(pl.LightningModule):
             need = N_SAMPLES - len(buf["samples"][cls])
             for i in torch.nonzero(labels == cls).flatten()[:need].tolist():
                 buf["samples"][cls].append(self._sample(batch, out, i))
+        if "amap" in out and "mask" in batch:  # pixel-level evaluation
+            amap = out["amap"].detach().float().cpu()
+            if buf["stitcher"] is not None and "coords" in batch:
+                buf["stitcher"].add(amap, batch["coords"].cpu())
+            else:
+                buf["pixel_maps"].append(amap[:, 0].half())
+                buf["pixel_masks"].append(batch["mask"][:, 0].detach().cpu() > 0.5)
         # running top-k / bottom-k by score, for the anomaly-map figures
         k = min(N_EXTREMES, len(score))
         for key, descending in (("highest", True), ("lowest", False)):
@@ -119,6 +142,26 @@ class AnomalyModule(pl.LightningModule):
             merged = buf[key] + [self._sample(batch, out, i) for i in idx.tolist()]
             merged.sort(key=lambda s: s["score"], reverse=descending)
             buf[key] = merged[:N_EXTREMES]
+
+    @staticmethod
+    def _pixel_record(buf: dict) -> dict | None:
+        """Pixel maps and masks of a split, (N, H, W) numpy, when the data has masks."""
+        ds = buf["dataset"]
+        if buf["stitcher"] is not None:
+            maps = buf["stitcher"].maps()
+            masks = [ds.image_mask(i) for i in range(len(ds.image_ids))]
+            return {
+                "maps": maps,
+                "masks": pixel_eval.pad_stack(masks, maps.shape),
+                "image": ds.image,
+                "ids": ds.image_ids,
+            }
+        if buf["pixel_maps"]:
+            return {
+                "maps": torch.cat(buf["pixel_maps"]).float().numpy(),
+                "masks": torch.cat(buf["pixel_masks"]).numpy().astype("uint8"),
+            }
+        return None
 
     def _finish(self, split: str) -> dict[str, float]:
         buf = self._buffers_by_split.pop(split)
@@ -129,6 +172,9 @@ class AnomalyModule(pl.LightningModule):
         components = {k: torch.cat(v) for k, v in buf["components"].items()}
         val_threshold = float(self.threshold) if split == "test" else None
         metrics = evaluation.evaluate(scores, labels, split, components, val_threshold)
+        pixel = self._pixel_record(buf)
+        if pixel is not None and pixel["masks"].any():
+            metrics.update(pixel_eval.pixel_metrics(pixel["maps"], pixel["masks"], split))
         if split == "val" and evaluation.has_both_classes(labels):
             self.threshold.fill_(metrics["val/youden_threshold"])
         self.records[split] = {
@@ -139,6 +185,7 @@ class AnomalyModule(pl.LightningModule):
             "samples": buf["samples"][0] + buf["samples"][1],
             "highest": buf["highest"],
             "lowest": buf["lowest"],
+            "pixel": pixel if pixel is not None and "image" in pixel else None,
         }
         self.results[split] = metrics
         if metrics and self._trainer is not None:

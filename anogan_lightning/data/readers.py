@@ -1,0 +1,254 @@
+"""OCT volume and annotation-mask readers: Heidelberg ``.vol``/``.e2e``, NumPy, TIFF, NIfTI.
+
+Every reader returns a :class:`Volume`: ``data`` (B-scans, rows, columns) in the file's dtype,
+plus the voxel spacing in µm along those axes where the file carries it (``None`` where not).
+
+- ``.vol`` (Heidelberg Spectralis raw export) and ``.e2e`` (Heidelberg Eye Explorer) through
+  eyepy, the field's reader; intensities as eyepy displays them (uint8, Heyex's log-like
+  contrast). ``.vol`` carries the spacing in its header (``scale_x``, ``scale_y``, ``distance``,
+  mm). eyepy reports ``.e2e`` volumes in pixels (the scale is not in any field it decodes), so
+  their spacing is ``None`` and comes from the config. Only the first OCT series of an
+  ``.e2e`` is read.
+- ``.npy``: a 3-D array (a 2-D array is one B-scan); no spacing.
+- ``.npz``: the array ``volume`` (or ``mask`` for masks, or the only array in the file) and an
+  optional ``spacing`` array of three floats (µm, same axis order).
+- ``.tif``/``.tiff``: one page per B-scan (tifffile). Spacing from ImageJ metadata (``unit``
+  micron/µm/um/mm/cm/nm, ``XResolution``/``YResolution`` in pixels per unit, ``spacing`` between
+  slices) or from the TIFF ``ResolutionUnit`` (inch, cm, mm, µm); resolution unit "none" means
+  no spacing.
+- ``.nii``/``.nii.gz``: nibabel; array axes (i, j, k) = (column, row, B-scan), as ITK/SimpleITK
+  write a (B-scan, row, column) array, transposed here; spacing from the header zooms in its
+  spatial unit (mm, µm or m; "unknown" means no spacing).
+
+Masks (:func:`read_mask`) come in the same formats except ``.vol``/``.e2e``; any non-zero voxel
+is a lesion (multi-class fluid labels, e.g. IRF/SRF/PED = 1/2/3, count alike). A mask must have
+the volume's shape. Every error names the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VOLUME_SUFFIXES = (".vol", ".e2e", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
+MASK_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
+Spacing = tuple[float | None, float | None, float | None]  # µm between B-scans, rows, columns
+
+_UNIT_UM = {  # µm per unit
+    "micron": 1.0,
+    "microns": 1.0,
+    "um": 1.0,
+    "µm": 1.0,
+    "\\u00b5m": 1.0,  # ImageJ writes the micro sign escaped
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "nm": 1e-3,
+    "m": 1e6,
+    "meter": 1e6,
+    "inch": 25400.0,
+}
+_TIFF_RESUNIT_UM = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}  # INCH, CENTIMETER, MILLIMETER, MICROMETER
+
+
+class VolumeReadError(ValueError):
+    """A volume or mask file that cannot be used; the message names the file."""
+
+
+@dataclass
+class Volume:
+    """``data`` (B-scans, rows, columns) and spacing in µm along those axes (None = unknown)."""
+
+    data: np.ndarray
+    spacing: Spacing
+    path: Path
+
+
+def suffix(path: str | Path) -> str:
+    """The format suffix, lower case; ``.nii.gz`` counts as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem(path: str | Path) -> str:
+    """File name without its format suffix (``a.nii.gz`` -> ``a``)."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix(path))]
+
+
+def is_volume_file(path: str | Path) -> bool:
+    return suffix(path) in VOLUME_SUFFIXES and Path(path).is_file()
+
+
+def _as_3d(a: np.ndarray, path: Path, what: str) -> np.ndarray:
+    if a.ndim == 2:
+        return a[None]
+    if a.ndim != 3:
+        raise VolumeReadError(
+            f"{path}: expected a 3-D {what} (B-scans, rows, columns), got shape {a.shape}"
+        )
+    return a
+
+
+def _spacing(values, scale: float = 1.0) -> Spacing:
+    out = []
+    for v in values:
+        v = None if v is None else float(v) * scale
+        out.append(v if v is not None and np.isfinite(v) and v > 0 else None)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _read_npz(path: Path, key: str) -> tuple[np.ndarray, Spacing]:
+    with np.load(path) as z:
+        arrays = [k for k in z.files if k != "spacing"]
+        if key in z.files:
+            name = key
+        elif len(arrays) == 1:
+            name = arrays[0]
+        else:
+            raise VolumeReadError(
+                f"{path}: no array named {key!r} and {len(arrays)} candidates {arrays}; "
+                f"store the {key} as {key}=..."
+            )
+        a = z[name]
+        spacing: Spacing = (None, None, None)
+        if "spacing" in z.files:
+            s = np.asarray(z["spacing"], dtype=np.float64).ravel()
+            if s.shape != (3,):
+                raise VolumeReadError(f"{path}: 'spacing' must hold 3 values (µm), got {s}")
+            spacing = _spacing(s)
+    return a, spacing
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, Spacing]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        a = tf.asarray()
+        page = tf.pages[0]
+        xres, yres = page.get_resolution()
+        ij = tf.imagej_metadata or {}
+        unit = str(ij.get("unit", "")).strip().lower()
+        if unit in _UNIT_UM:
+            um = _UNIT_UM[unit]
+            z = ij.get("spacing")
+            return a, _spacing([None if z is None else z * um, um / yres, um / xres])
+        um = _TIFF_RESUNIT_UM.get(int(page.resolutionunit))
+        if um is None:
+            return a, (None, None, None)
+        return a, _spacing([None, um / yres, um / xres])
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Spacing]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    a = np.asarray(img.dataobj)
+    if a.ndim == 4 and a.shape[3] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise VolumeReadError(f"{path}: expected a 3-D NIfTI image, got shape {a.shape}")
+    a = np.ascontiguousarray(a.transpose(2, 1, 0))  # (i, j, k) -> (B-scan, row, column)
+    unit = img.header.get_xyzt_units()[0]
+    um = _UNIT_UM.get(unit)
+    if um is None:
+        return a, (None, None, None)
+    zx, zy, zz = (float(v) for v in img.header.get_zooms()[:3])
+    return a, _spacing([zz, zy, zx], um)
+
+
+def _read_heyex(path: Path, kind: str) -> tuple[np.ndarray, Spacing]:
+    try:
+        from eyepy.io import import_heyex_e2e, import_heyex_vol
+    except ImportError as e:  # pragma: no cover - eyepy is a dependency
+        raise VolumeReadError(
+            f"{path}: reading {kind} files needs eyepy (pip install eyepy)"
+        ) from e
+    ev = import_heyex_vol(path) if kind == ".vol" else import_heyex_e2e(path)
+    data = np.asarray(ev.data)
+    meta = ev.meta
+    if str(meta.get("scale_unit", "")).lower() == "mm":
+        return data, _spacing([meta["scale_z"], meta["scale_y"], meta["scale_x"]], 1e3)
+    return data, (None, None, None)
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read one OCT volume (see the module docstring for the formats)."""
+    path = Path(path)
+    kind = suffix(path)
+    if kind not in VOLUME_SUFFIXES:
+        raise VolumeReadError(
+            f"{path}: unknown volume format {kind or '(no suffix)'!r}; "
+            f"expected one of {', '.join(VOLUME_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise VolumeReadError(f"{path}: no such volume file")
+    try:
+        if kind == ".npy":
+            a, spacing = np.load(path, allow_pickle=False), (None, None, None)
+        elif kind == ".npz":
+            a, spacing = _read_npz(path, "volume")
+        elif kind in (".tif", ".tiff"):
+            a, spacing = _read_tiff(path)
+        elif kind in (".nii", ".nii.gz"):
+            a, spacing = _read_nifti(path)
+        else:
+            a, spacing = _read_heyex(path, kind)
+    except VolumeReadError:
+        raise
+    except Exception as e:  # a decoder's own error, re-raised naming the file
+        raise VolumeReadError(f"{path}: cannot read {kind} volume: {e}") from e
+    a = _as_3d(np.asarray(a), path, "volume")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise VolumeReadError(f"{path}: volume dtype {a.dtype} is not numeric")
+    if min(a.shape) < 1:
+        raise VolumeReadError(f"{path}: empty volume of shape {a.shape}")
+    return Volume(a, spacing, path)
+
+
+def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Annotation mask as uint8 {0, 1} (B-scans, rows, columns); ``shape``: the volume's."""
+    path = Path(path)
+    kind = suffix(path)
+    if kind not in MASK_SUFFIXES:
+        raise VolumeReadError(
+            f"{path}: unknown mask format {kind or '(no suffix)'!r}; "
+            f"expected one of {', '.join(MASK_SUFFIXES)}"
+        )
+    try:
+        if kind == ".npy":
+            a = np.load(path, allow_pickle=False)
+        elif kind == ".npz":
+            a, _ = _read_npz(path, "mask")
+        elif kind in (".tif", ".tiff"):
+            a, _ = _read_tiff(path)
+        else:
+            a, _ = _read_nifti(path)
+    except VolumeReadError:
+        raise
+    except Exception as e:
+        raise VolumeReadError(f"{path}: cannot read {kind} mask: {e}") from e
+    a = _as_3d(np.asarray(a), path, "mask")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise VolumeReadError(
+            f"{path}: mask shape {tuple(a.shape)} does not match its volume's {tuple(shape)}"
+        )
+    return (a != 0).astype(np.uint8)
+
+
+def resolve_spacing_x(volume: Volume, fallback_um: float | None) -> float:
+    """Column spacing in µm: the file's, else ``fallback_um``; an error naming the file if
+    neither is known."""
+    sx = volume.spacing[2]
+    if sx is not None:
+        return sx
+    if fallback_um is not None and fallback_um > 0:
+        return float(fallback_um)
+    raise VolumeReadError(
+        f"{volume.path}: the file carries no voxel spacing; set data.spacing_x_um (µm per "
+        "column, e.g. 11.5 for a 512-column Spectralis scan over 6 mm) or "
+        "data.target_spacing_x_um=null to keep the columns as they are"
+    )
