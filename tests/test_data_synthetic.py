@@ -35,7 +35,7 @@ def test_splits_labels_masks_and_range():
         assert 0.3 < ds.labels.float().mean() < 0.7
     batch = next(iter(dm.test_dataloader()))
     assert batch["x"].shape == (128, 1, 32, 32) and batch["mask"].shape == (128, 1, 32, 32)
-    assert -1 <= batch["x"].min() and batch["x"].max() <= 1
+    assert batch["x"].min() >= -1 and batch["x"].max() <= 1
     assert dm.split_summary()["train"] == {"normal": 64, "anomalous": 0}
 
 
