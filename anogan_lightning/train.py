@@ -15,9 +15,12 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import artefacts
+from anogan_lightning import artefacts, evaluation
 from anogan_lightning.methods.base import DivergenceError
 
 log = logging.getLogger("anogan_lightning")
@@ -35,26 +38,81 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
 
 
-def _log_to_loggers(trainer: pl.Trainer, results: dict, figures: dict, table: str) -> None:
-    """Extra artefacts for loggers that show them (W&B: images and the results table)."""
+def _multirun_wandb(cfg: DictConfig) -> None:
+    """Jobs of one multirun share a W&B group (the sweep folder) and carry their overrides."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg or not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    with open_dict(cfg):
+        if hc.mode == RunMode.MULTIRUN and wandb_cfg.get("group") is None:
+            wandb_cfg.group = Path(hc.sweep.dir).name
+        if wandb_cfg.get("name") is None:
+            wandb_cfg.name = hc.job.override_dirname or Path(cfg.paths.output_dir).name
+
+
+def _log_to_loggers(
+    trainer: pl.Trainer, cfg: DictConfig, results: dict, record: dict, figures: dict, table: str
+) -> None:
+    """Extra artefacts for loggers that show them: W&B (ROC curve, results table, image
+    panels, score histograms, config and overrides) and TensorBoard (figures, table)."""
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
-            lg.experiment.log({f"test/{k}": wandb.Image(f) for k, f in figures.items()})
-            rows = [[k, v] for k, v in results.items() if isinstance(v, int | float)]
-            lg.experiment.log({"results": wandb.Table(columns=["metric", "value"], data=rows)})
-            lg.experiment.summary.update(results)
+            run = lg.experiment
+            overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+            run.config.update(
+                {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides)},
+                allow_val_change=True,
+            )
+            fpr, tpr, _ = evaluation.roc_curve(record["score"], record["labels"])
+            roc = wandb.Table(
+                columns=["fpr", "tpr"], data=list(zip(fpr.tolist(), tpr.tolist(), strict=True))
+            )
+            auc = results.get("test/auroc", float("nan"))
+            payload = {
+                "test/roc": wandb.plot.line(roc, "fpr", "tpr", title=f"test ROC (AUC {auc:.3f})"),
+                "results": wandb.Table(
+                    columns=["metric", "value"],
+                    data=[[k, v] for k, v in results.items() if isinstance(v, int | float)],
+                ),
+            }
+            for name, s in {"score": record["score"], **record["components"]}.items():
+                for label, cls in (("normal", 0), ("anomalous", 1)):
+                    values = s[record["labels"] == cls].numpy()
+                    if len(values):
+                        payload[f"test/hist_{name}_{label}"] = wandb.Histogram(values)
+            payload.update({f"test/{k}": wandb.Image(f) for k, f in figures.items()})
+            maps = sorted((Path(cfg.paths.output_dir) / "anomaly_maps").glob("*.png"))
+            if maps:
+                payload["test/anomaly_maps"] = [wandb.Image(str(p), caption=p.stem) for p in maps]
+            run.log(payload)
+            run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float)})
         elif type(lg).__name__ == "TensorBoardLogger":
             for k, f in figures.items():
                 lg.experiment.add_figure(f"test/{k}", f)
             lg.experiment.add_text("results", table)
 
 
+def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
+    """Trained weights (and threshold) from a checkpoint into a model built from the config,
+    so scoring settings given on the command line (e.g. method.mapping_steps) apply."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fit=false needs ckpt_path=<model.ckpt>; {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not hold this method's weights: {err}") from None
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit, validate, test and write artefacts; returns the flat results dict."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _multirun_wandb(cfg)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -73,6 +131,9 @@ def run(cfg: DictConfig) -> dict:
             f"{type(model).__name__} back-propagates at test time: it needs "
             "trainer.inference_mode=false (set by its conf/method yaml; remove the override)"
         )
+    fit = cfg.get("fit", True)
+    if not fit:
+        _load_weights(model, cfg.ckpt_path)
     datamodule.setup("fit")
     results: dict = {"method": type(model).__name__, "output_dir": str(out_dir)}
     for split, counts in datamodule.split_summary().items():
@@ -81,23 +142,30 @@ def run(cfg: DictConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     title = f"{type(model).__name__} on {type(datamodule).__name__}"
 
-    # fit on normal images; the val split (both classes) is scored once, after training
-    try:
-        trainer.fit(model, train_dataloaders=datamodule.train_dataloader(), ckpt_path=cfg.ckpt_path)
-    except DivergenceError as err:
-        last = ckpt_dir / "last.ckpt"
-        where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
-        raise SystemExit(f"error: {err}; {where}") from None
-    if trainer.interrupted:
-        raise SystemExit(f"training interrupted; checkpoints are in {ckpt_dir}")
+    # fit on normal images (resuming from ckpt_path if given); the val split (both classes) is
+    # scored once, after training
+    if fit:
+        try:
+            trainer.fit(
+                model, train_dataloaders=datamodule.train_dataloader(), ckpt_path=cfg.ckpt_path
+            )
+        except DivergenceError as err:
+            last = ckpt_dir / "last.ckpt"
+            where = (
+                f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
+            )
+            raise SystemExit(f"error: {err}; {where}") from None
+        if trainer.interrupted:
+            raise SystemExit(f"training interrupted; checkpoints are in {ckpt_dir}")
 
     datamodule.setup("validate")
     trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
     results.update(model.results.get("val", {}))
+    # the deployable model: trained weights + the validation threshold (for predict); every
+    # rank calls save_checkpoint (it synchronises), rank 0 writes
+    trainer.save_checkpoint(ckpt_dir / "model.ckpt")
+    results["checkpoint"] = str(ckpt_dir / "model.ckpt")
     if trainer.is_global_zero:
-        # the deployable model: trained weights + the validation threshold (for predict)
-        trainer.save_checkpoint(ckpt_dir / "model.ckpt")
-        results["checkpoint"] = str(ckpt_dir / "model.ckpt")
         artefacts.write_results(out_dir / "results.json", results)
 
     datamodule.setup("test")
@@ -110,7 +178,7 @@ def run(cfg: DictConfig) -> dict:
     artefacts.write_scores(out_dir / "scores.csv", record)
     figures = artefacts.write_figures(out_dir, record, title)
     table = artefacts.format_table(results, title)
-    _log_to_loggers(trainer, results, figures, table)
+    _log_to_loggers(trainer, cfg, results, record, figures, table)
     print(f"\n{table}\n\nartefacts: {out_dir}")
     return results
 

@@ -21,18 +21,22 @@ def _loss(model: AnoGAN, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def test_restarts_start_from_the_best_draw():
     torch.manual_seed(0)
     model = AnoGAN(latent_dim=16, width=8, image_size=16, mapping_restarts=6, progress=False)
-    x = make_split(5, 16, "test").images
-    z = model.start_z(x, batch_idx=3)
+    ds = make_split(5, 16, "test")
+    z = model.start_z(ds.images, ds.ids)
     assert z.shape == (5, 16)
-    cands = model.initial_z(6 * 5, 3).view(6, 5, 16)
-    losses = torch.stack([_loss(model, x, c) for c in cands])  # (K, B)
-    torch.testing.assert_close(_loss(model, x, z), losses.min(0).values)
-    assert torch.equal(model.start_z(x, batch_idx=3), z)  # reproducible
+    cands = model.prior_draws(ds.ids, 6)  # (K, B, latent_dim)
+    losses = torch.stack([_loss(model, ds.images, c) for c in cands])  # (K, B)
+    torch.testing.assert_close(_loss(model, ds.images, z), losses.min(0).values)
+    assert torch.equal(model.start_z(ds.images, ds.ids), z)  # reproducible
 
 
-def test_single_start_is_the_seeded_prior_draw():
+def test_start_depends_on_the_image_not_its_batch():
     model = AnoGAN(latent_dim=16, width=8, image_size=16, progress=False)
-    x = make_split(4, 16, "test").images
-    assert torch.equal(model.start_z(x, 0), model.initial_z(4, 0))
-    assert not torch.equal(model.initial_z(4, 0), model.initial_z(4, 1))
-    assert model.initial_z(4, 0).abs().max() <= 1
+    ds = make_split(4, 16, "test")
+    z = model.start_z(ds.images, ds.ids)
+    assert z.abs().max() <= 1 and len({tuple(r.tolist()) for r in z}) == 4
+    # the same image alone, or in another order, starts from the same z
+    torch.testing.assert_close(model.start_z(ds.images[2:3], ds.ids[2:3]), z[2:3])
+    torch.testing.assert_close(model.start_z(ds.images.flip(0), ds.ids[::-1]), z.flip(0))
+    model.hparams.mapping_seed = 1
+    assert not torch.equal(model.start_z(ds.images, ds.ids), z)

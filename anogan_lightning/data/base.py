@@ -6,7 +6,7 @@ import logging
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,39 @@ def collate_skip_none(items: list) -> dict | None:
     if not kept:
         return None
     return default_collate(kept)
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation each epoch from a generator seeded by (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a
+    checkpoint sees the same order in its later epochs as an uninterrupted one (a plain
+    ``shuffle=True`` draws from the global RNG, whose state a restart does not restore).
+    ``loader_generator``, when given, is reseeded in ``set_epoch`` too: passed to the
+    DataLoader as its ``generator``, it makes the loader draw its worker seeds from it rather
+    than from the global RNG. ``seed`` defaults to ``torch.initial_seed()``, i.e. the run's
+    ``seed_everything`` value.
+    """
+
+    def __init__(
+        self, n: int, seed: int | None = None, loader_generator: torch.Generator | None = None
+    ) -> None:
+        self.n = n
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.loader_generator = loader_generator
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(self.seed * 100_003 + epoch + 50_000)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -49,10 +82,12 @@ class AnomalyDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: the {name} split is not set up")
+        generator = torch.Generator() if shuffle else None
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(ds), loader_generator=generator) if shuffle else None,
+            generator=generator,
             drop_last=shuffle and len(ds) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -473,18 +473,26 @@ class PatchDataset(Dataset):
 
 class PatchBatchSampler(Sampler):
     """Index blocks for batched memmap reads: each batch sorted ascending (reads go forward
-    through the file); with ``shuffle`` a fresh permutation per epoch from torch's RNG (seeded
-    by Lightning's ``seed_everything``)."""
+    through the file); with ``shuffle`` a fresh permutation per epoch, seeded by (run seed,
+    epoch) like :class:`anogan_lightning.data.base.EpochSampler`."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.epoch = torch.initial_seed(), 0  # see data.base.EpochSampler
+        self.loader_generator = torch.Generator()  # the DataLoader's: worker seeds, per epoch
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader_generator.manual_seed(self.seed * 100_003 + epoch + 50_000)
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self):
-        order = torch.randperm(self.n).numpy() if self.shuffle else np.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).numpy() if self.shuffle else np.arange(self.n)
         for i in range(len(self)):
             yield np.sort(order[i * self.batch_size : (i + 1) * self.batch_size])
 
@@ -563,6 +571,7 @@ class OCTVolumeDataModule(AnomalyDataModule):
             ds,
             batch_size=None,  # the sampler yields whole batches; the dataset reads them at once
             sampler=sampler,
+            generator=sampler.loader_generator,  # not the global RNG: resumable
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

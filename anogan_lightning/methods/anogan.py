@@ -10,9 +10,9 @@ the query (the paper's fourth comparison; -logit, so higher = less real). The pi
 map is the residual |x - G(z_Γ)|.
 
 Choices the paper leaves open:
-- z-optimiser: Adam, lr 0.01 (``mapping_lr``), z initialised from the prior with a per-batch
-  seeded generator (reproducible scores) and clamped to the prior's support [-1, 1] after
-  each step.
+- z-optimiser: Adam, lr 0.01 (``mapping_lr``), z initialised from the prior with a generator
+  seeded by the image's id (reproducible, and the same whatever batch or DDP rank the image
+  lands in) and clamped to the prior's support [-1, 1] after each step.
 - z_1: the paper draws one z_1 at random. ``mapping_restarts`` K > 1 draws K and starts from
   the one with the lowest L(z) (K forward passes, no gradients): a cheap guard against
   starting in the wrong basin (a retina mapped to the wrong height, say). Default 1 (paper).
@@ -25,6 +25,8 @@ Choices the paper leaves open:
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +87,9 @@ class AnoGAN(AnomalyModule):
         logit_real = self.discriminator(x)
         logit_fake = self.discriminator(x_fake.detach())
         real_target = torch.full_like(logit_real, self.hparams.get("real_label", 1.0))
-        loss_d = F.binary_cross_entropy_with_logits(logit_real, real_target) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+        loss_d = F.binary_cross_entropy_with_logits(
+            logit_real, real_target
+        ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
         self.check_finite(**{"train/loss_d": loss_d})
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
@@ -113,17 +117,28 @@ class AnoGAN(AnomalyModule):
         )
 
     def initial_z(self, n: int, batch_idx: int) -> Tensor:
-        """Reproducible starting points: one generator seeded by (mapping_seed, batch index)."""
+        """n prior draws from one generator seeded by (mapping_seed, batch index)."""
         gen = torch.Generator().manual_seed(self.hparams.mapping_seed * 1_000_003 + batch_idx)
         return sample_uniform_z(n, self.hparams.latent_dim, generator=gen).to(self.device)
 
-    def start_z(self, x: Tensor, batch_idx: int) -> Tensor:
-        """z_1 per image: one prior draw, or with ``mapping_restarts`` K > 1 the draw of K with the
-        lowest mapping loss L(z) (forward passes only; the Γ steps then start from it)."""
-        k = self.hparams.get("mapping_restarts", 1)
-        if k <= 1:
-            return self.initial_z(len(x), batch_idx)
-        cands = self.initial_z(k * len(x), batch_idx).view(k, len(x), -1)  # (K, B, latent_dim)
+    def prior_draws(self, ids: list[str], k: int = 1) -> Tensor:
+        """(k, B, latent_dim) prior draws, each image's from a generator seeded by
+        (mapping_seed, its id): an image maps the same whatever batch, order or rank it is in."""
+        d = self.hparams.latent_dim
+        draws = []
+        for id_ in ids:
+            seed = (self.hparams.mapping_seed * 1_000_003 + zlib.crc32(str(id_).encode())) % 2**63
+            draws.append(sample_uniform_z(k, d, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(draws, 1).to(self.device)
+
+    def start_z(self, x: Tensor, ids: list[str]) -> Tensor:
+        """z_1 per image: its first prior draw, or with ``mapping_restarts`` K > 1 the one of
+        its K draws with the lowest mapping loss L(z) (forward passes only; the Γ steps then
+        start from it)."""
+        k = max(1, self.hparams.get("mapping_restarts", 1))
+        cands = self.prior_draws(ids, k)  # (K, B, latent_dim)
+        if k == 1:
+            return cands[0]
         lam = self.hparams.lambda_fm
         g, d = self.generator, self.discriminator
         with frozen(g, d), torch.no_grad():
@@ -143,7 +158,7 @@ class AnoGAN(AnomalyModule):
             self.generator,
             self.discriminator,
             x,
-            self.start_z(x.float(), batch_idx),
+            self.start_z(x.float(), batch["id"]),
             steps=hp.mapping_steps,
             lam=hp.lambda_fm,
             lr=hp.mapping_lr,

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from anogan_lightning import evaluation, pixel_eval
@@ -45,6 +46,16 @@ class AnomalyModule(pl.LightningModule):
         self.records: dict[str, dict] = {}
         self.results: dict[str, dict[str, float]] = {}
         self._buffers_by_split: dict[str, dict] = {}
+
+    # -- training: per-epoch seeding, so a resumed run matches an uninterrupted one ------------
+    def on_fit_start(self) -> None:
+        self._run_seed = torch.initial_seed()  # seed_everything's value, before any reseeding
+
+    def on_train_epoch_start(self) -> None:
+        # noise drawn in training steps (z, random crops) comes from the global RNG, whose state
+        # a checkpoint does not hold: reseed it from (run seed, epoch) at every epoch start
+        seed = getattr(self, "_run_seed", torch.initial_seed()) * 100_003 + self.current_epoch
+        pl.seed_everything(seed % 2**32, workers=True, verbose=False)
 
     # -- subclasses ---------------------------------------------------------------------------
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
@@ -163,8 +174,64 @@ class AnomalyModule(pl.LightningModule):
             }
         return None
 
+    @staticmethod
+    def _gather(buf: dict) -> dict:
+        """Merge every rank's buffers (DDP): metrics are computed over the whole split.
+
+        A DistributedSampler pads the last ranks with repeated images; repeats are dropped by id.
+        Stitched pixel maps are summed across ranks (a repeated patch adds the same map twice to
+        its own pixels, which leaves their mean unchanged).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return buf
+        mine = {
+            "ids": buf["ids"],
+            "labels": torch.cat(buf["labels"])
+            if buf["labels"]
+            else torch.zeros(0, dtype=torch.long),
+            "score": torch.cat(buf["score"]) if buf["score"] else torch.zeros(0),
+            "components": {k: torch.cat(v) for k, v in buf["components"].items()},
+            "samples": buf["samples"],
+            "highest": buf["highest"],
+            "lowest": buf["lowest"],
+            "pixel_maps": buf["pixel_maps"],
+            "pixel_masks": buf["pixel_masks"],
+        }
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        seen: set[str] = set()
+        keep = []  # (rank, index) of first occurrences
+        for r, part in enumerate(parts):
+            for i, id_ in enumerate(part["ids"]):
+                if id_ not in seen:
+                    seen.add(id_)
+                    keep.append((r, i))
+        out = dict(buf)
+        out["ids"] = [parts[r]["ids"][i] for r, i in keep]
+        out["labels"] = [torch.stack([parts[r]["labels"][i] for r, i in keep])] if keep else []
+        out["score"] = [torch.stack([parts[r]["score"][i] for r, i in keep])] if keep else []
+        names = parts[0]["components"].keys()
+        out["components"] = {
+            n: [torch.stack([parts[r]["components"][n][i] for r, i in keep])] for n in names if keep
+        }
+        out["samples"] = {
+            c: [s for p in parts for s in p["samples"][c]][:N_SAMPLES] for c in (0, 1)
+        }
+        for key, desc in (("highest", True), ("lowest", False)):
+            merged = {s["id"]: s for p in parts for s in p[key]}.values()
+            out[key] = sorted(merged, key=lambda s: s["score"], reverse=desc)[:N_EXTREMES]
+        out["pixel_maps"] = [m for p in parts for m in p["pixel_maps"]]
+        out["pixel_masks"] = [m for p in parts for m in p["pixel_masks"]]
+        if buf["stitcher"] is not None:
+            for name in ("sum", "count"):
+                arr = getattr(buf["stitcher"], name)
+                t = torch.from_numpy(arr.astype("float64"))
+                dist.all_reduce(t)
+                setattr(buf["stitcher"], name, t.numpy().astype(arr.dtype))
+        return out
+
     def _finish(self, split: str) -> dict[str, float]:
-        buf = self._buffers_by_split.pop(split)
+        buf = self._gather(self._buffers_by_split.pop(split))
         if not buf["labels"]:
             return {}
         labels = torch.cat(buf["labels"])
