@@ -118,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")  # plain lists: safe to unpickle
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)  # for predict
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]

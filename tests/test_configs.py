@@ -41,3 +41,33 @@ def test_data_yaml_keys_are_constructor_args(data: str, tmp_path: Path):
         if base.__module__.startswith("anogan_lightning"):
             params |= set(inspect.signature(base).parameters)
     assert set(cfg.data) - {"_target_"} <= params - {"kwargs", "loader_kwargs"}
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_sweep_composes(sweep: str, tmp_path: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+    assert cfg.method._target_ and cfg.hydra.sweeper.params
+    cls = hydra.utils.get_class(cfg.method._target_)
+    params = set(inspect.signature(cls).parameters)
+    swept = {k.split(".", 1)[1] for k in cfg.hydra.sweeper.params if k.startswith("method.")}
+    assert swept <= params  # every swept method key is a constructor argument
+
+
+def test_slurm_launcher_composes(tmp_path: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["+method=anogan", "hydra/launcher=slurm", "trainer=ddp"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1

@@ -89,3 +89,52 @@ def test_ddp_two_processes_score_like_one(tmp_path: Path):
     a, b = _scores(tmp_path / "one"), _scores(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 32  # every test image once, padding dropped
     assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-4) for k in a)
+
+
+def test_predict_folder_with_a_corrupt_file(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from anogan_lightning.data.synthetic import make_split
+
+    run(compose_cfg(tiny_overrides("anogan"), tmp_path / "train"))
+    scans = tmp_path / "scans"
+    (scans / "sub").mkdir(parents=True)
+    ds = make_split(5, 64, "test", seed=3)
+    for i in range(5):
+        img = ((ds.images[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        Image.fromarray(img).save(scans / ("sub" if i == 4 else ".") / f"scan_{i}.png")
+    (scans / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anogan_lightning.predict",
+            f"ckpt={tmp_path / 'train/checkpoints/model.ckpt'}",
+            f"input={scans}",
+            "batch_size=2",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    bad = [r for r in rows if r["status"] == "unreadable"]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.jpg") and bad[0]["error"]
+    good = [r for r in rows if r["status"] == "ok"]
+    assert {Path(r["path"]).name for r in good} == {f"scan_{i}.png" for i in range(5)}
+    assert all(
+        r["anomalous"] in ("0", "1") and float(r["threshold"]) == float(good[0]["threshold"])
+        for r in good
+    )
+    assert all(np.isfinite(float(r["score"])) and r["residual"] for r in good)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 5
+    assert "skipping unreadable image" in proc.stdout + proc.stderr  # the warning names it

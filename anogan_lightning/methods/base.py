@@ -46,6 +46,18 @@ class AnomalyModule(pl.LightningModule):
         self.records: dict[str, dict] = {}
         self.results: dict[str, dict[str, float]] = {}
         self._buffers_by_split: dict[str, dict] = {}
+        #: the data config the model was trained with (set by the entry point), so that
+        #: ``anogan_lightning.predict`` preprocesses new scans the same way
+        self.data_config: dict = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["anogan_lightning"] = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "data": self.data_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.data_config = checkpoint.get("anogan_lightning", {}).get("data", {})
 
     # -- training: per-epoch seeding, so a resumed run matches an uninterrupted one ------------
     def on_fit_start(self) -> None:
