@@ -180,6 +180,8 @@ def run(cfg: DictConfig) -> dict:
     figures = artefacts.write_figures(out_dir, record, title)
     table = artefacts.format_table(results, title)
     _log_to_loggers(trainer, cfg, results, record, figures, table)
+    for fig in figures.values():
+        artefacts.plt.close(fig)
     print(f"\n{table}\n\nartefacts: {out_dir}")
     return results
 
