@@ -7,12 +7,14 @@ Scores are raw (no min-max normalisation): AUROC only needs their order.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from anogan_lightning.losses import reference_discrimination_loss
 
 
 def residual_map(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -74,27 +76,68 @@ def map_latent(
     z, the losses and the optimizer state stay float32 under mixed precision.
     Needs autograd: call outside ``torch.inference_mode``.
     """
+    with frozen(discriminator), torch.no_grad():
+        f_x = discriminator.forward_with_features(x.float())[1].float()  # f(x), fixed
+
+    def feature_matching(x_hat: Tensor) -> Tensor:  # L_D(z) = Σ|f(x) - f(G(z))|, (B,)
+        return l1_per_sample(f_x, discriminator.forward_with_features(x_hat)[1].float())
+
+    return map_latent_with(
+        generator,
+        x,
+        z_init,
+        feature_matching,
+        steps=steps,
+        lam=lam,
+        lr=lr,
+        clamp=clamp,
+        progress=progress,
+        frozen_modules=(discriminator,),
+    )
+
+
+# -- GANR, aCAE and f-AnoGAN scores (issue 4) ---------------------------------------------------
+
+
+def map_latent_with(
+    generator: nn.Module,
+    x: Tensor,
+    z_init: Tensor,
+    discrimination: Callable[[Tensor], Tensor],
+    steps: int = 500,
+    lam: float = 0.1,
+    lr: float = 0.01,
+    clamp: bool = True,
+    progress: bool = False,
+    frozen_modules: tuple[nn.Module, ...] = (),
+) -> Mapping:
+    """AnoGAN's latent mapping with a pluggable discrimination term (batched, as
+    :func:`map_latent`).
+
+    Minimises L(z) = (1 - λ)·Σ|x - G(z)| + λ·discrimination(G(z)) over z only;
+    ``discrimination`` maps x_hat (B, C, H, W) to a per-sample loss (B,). ``generator`` and
+    ``frozen_modules`` (the networks ``discrimination`` uses) are in eval mode without
+    parameter gradients during the search. Same Adam, clamping to [-1, 1] and float32
+    bookkeeping as :func:`map_latent`; ``Mapping.discrimination`` holds the term at z_Γ.
+    """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "AnoGAN's latent mapping needs gradients at test time: run the Trainer with "
+            "latent mapping needs gradients at test time: run the Trainer with "
             "inference_mode=False (the method's config sets trainer.inference_mode=false)"
         )
     x = x.float()
     z = z_init.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     history = []
-    with frozen(generator, discriminator), torch.enable_grad():
-        with torch.no_grad():
-            f_x = discriminator.forward_with_features(x)[1].float()
+    with frozen(generator, *frozen_modules), torch.enable_grad():
         steps_iter = range(steps + 1)
         if progress:
             steps_iter = tqdm(steps_iter, desc="latent mapping", leave=False, unit="step")
         for step in steps_iter:
             x_hat = generator(z).float()
-            f_hat = discriminator.forward_with_features(x_hat)[1].float()
             residual = l1_per_sample(x, x_hat)
-            discrimination = l1_per_sample(f_x, f_hat)
-            loss = (1 - lam) * residual + lam * discrimination  # (B,)
+            disc = discrimination(x_hat).float()
+            loss = (1 - lam) * residual + lam * disc  # (B,)
             history.append(loss.detach().mean())
             if step == steps:  # losses at z_Γ, after the last update
                 break
@@ -108,7 +151,65 @@ def map_latent(
         z=z.detach(),
         x_hat=x_hat.detach(),
         residual=residual.detach(),
-        discrimination=discrimination.detach(),
+        discrimination=disc.detach(),
         score=loss.detach(),
         loss_history=torch.stack(history),
     )
+
+
+def map_latent_reference(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    x: Tensor,
+    z_init: Tensor,
+    steps: int = 500,
+    lam: float = 0.1,
+    lr: float = 0.01,
+    clamp: bool = True,
+    progress: bool = False,
+) -> Mapping:
+    """GANR's mapping (AnoGAN sec. 2.2-2.3 with Yeh et al.'s reference discrimination loss):
+    L(z) = (1 - λ)·Σ|x - G(z)| + λ·L̂_D(z), L̂_D = sigmoid cross-entropy of D(G(z)) against 1.
+
+    ``Mapping.discrimination`` is D̂(x) = L̂_D(z_Γ) and ``Mapping.score`` is
+    Â(x) = (1 - λ)·R(x) + λ·D̂(x).
+    """
+    return map_latent_with(
+        generator,
+        x,
+        z_init,
+        lambda x_hat: reference_discrimination_loss(discriminator(x_hat)),
+        steps=steps,
+        lam=lam,
+        lr=lr,
+        clamp=clamp,
+        progress=progress,
+        frozen_modules=(discriminator,),
+    )
+
+
+def reconstruction_scores(
+    discriminator: nn.Module, x: Tensor, x_hat: Tensor, lam: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AnoGAN's A(x) on a given reconstruction (no latent search), e.g. an autoencoder's:
+    (A, R, D), each (B,), with R = Σ|x - x_hat|, D = Σ|f(x) - f(x_hat)|, A = (1 - λ)R + λD,
+    f = ``discriminator.forward_with_features(.)[1]``. Call under no_grad / inference mode.
+    """
+    x, x_hat = x.float(), x_hat.float()
+    f_x = discriminator.forward_with_features(x)[1].float()
+    f_hat = discriminator.forward_with_features(x_hat)[1].float()
+    residual = l1_per_sample(x, x_hat)
+    discrimination = l1_per_sample(f_x, f_hat)
+    return (1 - lam) * residual + lam * discrimination, residual, discrimination
+
+
+def izif_scores(
+    x: Tensor, x_hat: Tensor, f_x: Tensor, f_hat: Tensor, kappa: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """f-AnoGAN's izi_f loss, which is also its anomaly score, per sample (Schlegl et al. 2019):
+    (A, A_R, A_D), each (B,), with A_R = (1/n)·||x - G(E(x))||² over the n pixels,
+    A_D = (1/n_d)·||f(x) - f(G(E(x)))||² over the n_d critic features, A = A_R + κ·A_D.
+    """
+    residual = (x.float() - x_hat.float()).pow(2).flatten(1).mean(1)
+    feature = (f_x.float() - f_hat.float()).pow(2).flatten(1).mean(1)
+    return residual + kappa * feature, residual, feature

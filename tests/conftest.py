@@ -21,6 +21,8 @@ TINY_METHOD = {
     "latent_dim": 16,
     "mapping_steps": 3,
     "progress": False,
+    "gan_steps": 0,  # fanogan: the generic tests run stage 2 alone (test_fanogan.py: stage 1)
+    "encoder_steps": 64,
 }
 TINY_DATA = [
     "data.n_train=64",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 
-def _n_layers(image_size: int) -> int:
+def n_layers(image_size: int) -> int:
     n = int(math.log2(image_size)) - 2
     if image_size < 8 or 2 ** (n + 2) != image_size:
         raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
@@ -39,7 +39,7 @@ class DCGANGenerator(nn.Module):
         self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
     ) -> None:
         super().__init__()
-        n = _n_layers(image_size)
+        n = n_layers(image_size)
         chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # 64x64: 512, 256, 128, 64
         self.latent_dim = latent_dim
         self.start = chans[0]
@@ -70,7 +70,7 @@ class DCGANDiscriminator(nn.Module):
         self, channels: int = 1, width: int = 64, image_size: int = 64, feature_layer: int = -1
     ) -> None:
         super().__init__()
-        n = _n_layers(image_size)
+        n = n_layers(image_size)
         chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
         blocks = []
         for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):

@@ -1,0 +1,123 @@
+"""aCAE: adversarial convolutional autoencoder, the autoencoder baseline of Schlegl et al.,
+IPMI 2017 (sec. 3, Table 1).
+
+Networks (``nets/acae.py``): an encoder with the DCGAN discriminator's layout to a
+``latent_dim`` code, AnoGAN's DCGAN generator as the decoder, and a DCGAN discriminator as the
+adversary, so every network has the depth of AnoGAN's. Training on normal images, per batch
+(manual optimisation, one update each):
+
+- D: -log D(x) - log(1 - D(x̂)), x̂ = Dec(Enc(x)) (reconstructions play the fakes);
+- autoencoder: L = λ_rec·(1/n)Σ|x - x̂| + λ_adv·(-log D(x̂)).
+
+Scoring: AnoGAN's A(x) = (1 - λ)·R(x) + λ·D(x) on the autoencoder's own reconstruction, with
+R = Σ|x - x̂| and D = Σ|f(x) - f(x̂)|, f = the discriminator's block ``feature_layer``; no
+latent search, one forward pass (``scoring.reconstruction_scores``). Components: ``residual``,
+``discrimination`` and ``pd`` (the discriminator's verdict on the query, -logit). Anomaly map:
+|x - x̂|.
+
+Choices the paper leaves open:
+- Reconstruction loss L1 (mean), the distance the residual score R uses.
+- λ_rec = 50, λ_adv = 1: the weighting GANomaly (Akcay et al. 2018) uses for the same two
+  terms; reconstruction dominates, the adversarial term sharpens x̂.
+- Adam lr 2e-4, betas (0.5, 0.999) for both (DCGAN's, as for AnoGAN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from anogan_lightning.losses import bce_discriminator_loss, bce_generator_loss
+from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.nets.acae import ConvAutoencoder
+from anogan_lightning.nets.dcgan import DCGANDiscriminator
+from anogan_lightning.scoring import reconstruction_scores, residual_map
+
+
+class ACAE(AnomalyModule):
+    """Adversarial convolutional autoencoder; scores A, R, D and PD on its reconstruction."""
+
+    components = ("residual", "discrimination", "pd")
+    fixed_batch_loss = "train/loss_rec"  # the autoencoder learns to reconstruct one batch
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        channels: int = 1,
+        width: int = 64,
+        image_size: int = 64,
+        feature_layer: int = -1,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.5, 0.999),
+        lambda_rec: float = 50.0,
+        lambda_adv: float = 1.0,
+        lambda_fm: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.autoencoder = ConvAutoencoder(latent_dim, channels, width, image_size)
+        self.discriminator = DCGANDiscriminator(channels, width, image_size, feature_layer)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        opt_ae = torch.optim.Adam(self.autoencoder.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return opt_d, opt_ae
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if batch is None:
+            return
+        x = batch["x"]
+        hp = self.hparams
+        opt_d, opt_ae = self.optimizers()
+        x_hat = self.autoencoder(x)  # before toggling: the AE step back-propagates through it
+
+        # D step: real queries vs their reconstructions
+        self.toggle_optimizer(opt_d)
+        logit_real = self.discriminator(x)
+        logit_fake = self.discriminator(x_hat.detach())
+        loss_d = bce_discriminator_loss(logit_real, logit_fake)
+        self.check_finite(**{"train/loss_d": loss_d})
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # autoencoder step: λ_rec·mean|x - x̂| + λ_adv·(-log D(x̂))
+        self.toggle_optimizer(opt_ae)
+        loss_rec = (x - x_hat).abs().mean()
+        loss_adv = bce_generator_loss(self.discriminator(x_hat))
+        loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
+        self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss_ae)
+        opt_ae.step()
+        self.untoggle_optimizer(opt_ae)
+
+        self.log_dict(
+            {
+                "train/loss_d": loss_d.detach(),
+                "train/loss_ae": loss_ae.detach(),
+                "train/loss_rec": loss_rec.detach(),
+                "train/loss_adv": loss_adv.detach(),
+            },
+            prog_bar=True,
+        )
+
+    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
+        x = batch["x"]
+        with torch.no_grad():
+            x_hat = self.autoencoder(x).float()
+            score, residual, discrimination = reconstruction_scores(
+                self.discriminator, x, x_hat, self.hparams.lambda_fm
+            )
+            pd = -self.discriminator(x).float()  # higher = judged less real
+        return {
+            "score": score,
+            "residual": residual,
+            "discrimination": discrimination,
+            "pd": pd,
+            "x_hat": x_hat,
+            "amap": residual_map(x.float(), x_hat),
+        }

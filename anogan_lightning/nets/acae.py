@@ -1,0 +1,58 @@
+"""Adversarial convolutional autoencoder (aCAE), the baseline of AnoGAN's Table 1.
+
+AnoGAN (sec. 3) compares against "an adversarial convolutional autoencoder" with an
+architecture comparable to its DCGAN and gives no further detail. Here the encoder mirrors the
+DCGAN discriminator (log2(S/4) strided 5x5 convolutions, 64-128-256-512 channels at
+``width=64``, batch norm after all but the first, LeakyReLU 0.2) followed by a linear layer to
+a ``latent_dim`` bottleneck; the decoder *is* AnoGAN's DCGAN generator (4 fractionally-strided
+5x5 convolutions, 512-256-128-64, tanh). So encoder + decoder have the depth of D + G, and the
+adversary (a DCGAN discriminator, built by the method) has AnoGAN's.
+
+The bottleneck is a dense ``latent_dim`` code (Linear from the encoder's (8d, 4, 4) output,
+the generator's Linear back), like a GAN's z but not sampled from a prior, so no tanh. (A
+convolutional (8d, 4, 4) code was tried on kermany-mini and scored lower: it reconstructs
+lesions too; see experiments/ipmi2017.md.)
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from anogan_lightning.nets.dcgan import DCGANGenerator, n_layers, init_dcgan_weights
+
+
+class ConvEncoder(nn.Module):
+    """x (B, channels, S, S) -> code (B, latent_dim); DCGAN-discriminator layout."""
+
+    def __init__(
+        self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
+    ) -> None:
+        super().__init__()
+        n = n_layers(image_size)
+        chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
+            layers.append(nn.Conv2d(c_in, c_out, 5, 2, padding=2))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(chans[-1] * 16, latent_dim)  # (C, 4, 4) -> code
+        init_dcgan_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.net(x).flatten(1))
+
+
+class ConvAutoencoder(nn.Module):
+    """x (B, channels, S, S) -> reconstruction (B, channels, S, S) in [-1, 1]."""
+
+    def __init__(
+        self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
+    ) -> None:
+        super().__init__()
+        self.encoder = ConvEncoder(latent_dim, channels, width, image_size)
+        self.decoder = DCGANGenerator(latent_dim, channels, width, image_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))

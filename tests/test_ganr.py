@@ -1,0 +1,83 @@
+"""GANR: the reference discrimination loss, its latent mapping, and scoring the networks of an
+AnoGAN checkpoint through the entry point without training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from conftest import compose_cfg, tiny_overrides
+from torch.utils.data import DataLoader
+
+from anogan_lightning.data.synthetic import make_split
+from anogan_lightning.losses import reference_discrimination_loss
+from anogan_lightning.methods.anogan import AnoGAN
+from anogan_lightning.methods.ganr import GANR, load_gan_weights
+from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
+from anogan_lightning.scoring import frozen, l1_per_sample, map_latent_reference
+from anogan_lightning.train import run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_reference_loss_is_sigmoid_cross_entropy_against_real():
+    logit = torch.tensor([0.0, 2.0, -1.0])
+    # -log σ(l) by hand: log 2, log(1 + e^-2), log(1 + e)
+    expected = torch.tensor([math.log(2), math.log(1 + math.exp(-2)), math.log(1 + math.e)])
+    torch.testing.assert_close(reference_discrimination_loss(logit), expected)
+    bce = F.binary_cross_entropy_with_logits(logit, torch.ones(3), reduction="none")
+    torch.testing.assert_close(reference_discrimination_loss(logit), bce)
+
+
+def test_reference_mapping_score_and_descent():
+    torch.manual_seed(0)
+    g, d = DCGANGenerator(8, 1, 4, 16), DCGANDiscriminator(1, 4, 16)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    z = sample_uniform_z(3, 8)
+    m0 = map_latent_reference(g, d, x, z, steps=0, lam=0.3)
+    with frozen(g, d), torch.no_grad():  # Â = (1 - λ)·Σ|x - G(z)| + λ·(-log σ(D(G(z))))
+        x_hat = g(z)
+        r = l1_per_sample(x, x_hat)
+        d_ref = -F.logsigmoid(d(x_hat))
+    torch.testing.assert_close(m0.residual, r)
+    torch.testing.assert_close(m0.discrimination, d_ref)
+    torch.testing.assert_close(m0.score, 0.7 * r + 0.3 * d_ref)
+    m = map_latent_reference(g, d, x, z, steps=15, lam=0.3, lr=0.05)
+    assert m.loss_history[-1] < m.loss_history[0]
+    assert m.z.abs().max() <= 1
+
+
+def test_ganr_scores_an_anogan_checkpoint_without_training(tmp_path: Path):
+    pl.seed_everything(0)
+    anogan = AnoGAN(latent_dim=16, width=8, image_size=16, progress=False)
+    batch = next(iter(DataLoader(make_split(16, 16, "train", seed=2), batch_size=16)))
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(anogan, DataLoader([batch] * 2, batch_size=None))
+    ckpt = tmp_path / "anogan.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    out = tmp_path / "ganr"
+    cfg = compose_cfg(tiny_overrides("ganr") + [f"method.from_checkpoint={ckpt}"], out)
+    results = run(cfg)
+    for key in (
+        "test/auroc",
+        "test/auroc_residual",
+        "test/auroc_discrimination_ref",
+        "test/auroc_pd",
+    ):
+        assert math.isfinite(results[key]), key
+    state = torch.load(out / "checkpoints/model.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 0  # the fit skipped training
+    for k, v in anogan.state_dict().items():
+        if k.startswith(("generator.", "discriminator.")):
+            assert torch.equal(state["state_dict"][k], v), k
+
+    with pytest.raises(ValueError, match="width: checkpoint 8 vs config 4"):
+        load_gan_weights(GANR(latent_dim=16, width=4, image_size=16), str(ckpt))
