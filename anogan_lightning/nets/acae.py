@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from anogan_lightning.nets.dcgan import DCGANGenerator, n_layers, init_dcgan_weights
+from anogan_lightning.nets.dcgan import DCGANGenerator, init_dcgan_weights, n_layers
 
 
 class ConvEncoder(nn.Module):
