@@ -51,8 +51,11 @@ def list_inputs(path: str | Path) -> list[Path]:
 class ScanFiles(Dataset):
     """Image files as the model's test images; unreadable files become error items."""
 
-    def __init__(self, paths: list[Path], image_size: int, resize: str, flatten: bool) -> None:
-        self.paths, self.image_size, self.resize, self.flatten = paths, image_size, resize, flatten
+    def __init__(
+        self, paths: list[Path], image_size: int, resize: str, flatten: bool, fill_white: bool
+    ) -> None:
+        self.paths, self.image_size, self.resize = paths, image_size, resize
+        self.flatten, self.fill_white = flatten, fill_white
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +63,7 @@ class ScanFiles(Dataset):
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         try:
-            a = read_image(path, self.image_size, self.resize, self.flatten)
+            a = read_image(path, self.image_size, self.resize, self.flatten, self.fill_white)
         except Exception as e:  # any decoder error: reported in the CSV, the rest goes on
             return {"id": str(path), "error": f"{type(e).__name__}: {e}"}
         x = torch.from_numpy(to_unit_range(crop_square(a)))[None]  # (1, S, S)
@@ -121,7 +124,13 @@ def predict(cfg: DictConfig) -> Path:
     if math.isnan(threshold):
         log.warning("the checkpoint has no validation threshold: the anomalous column is empty")
     image_size = int(model.hparams.get("image_size", data.get("image_size", 64)))
-    ds = ScanFiles(files, image_size, data.get("resize", "crop"), bool(data.get("flatten", False)))
+    ds = ScanFiles(
+        files,
+        image_size,
+        data.get("resize", "crop"),
+        bool(data.get("flatten", False)),
+        bool(data.get("fill_white", False)),
+    )
     loader = DataLoader(
         ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate
     )

@@ -449,3 +449,30 @@ def test_mini_flatten_option():
     dm = KermanyDataModule(str(MINI), image_size=S, preload=False, flatten=True)
     dm.setup("test")
     assert dm.test_set.flatten and dm.test_set[0]["x"].shape == (1, S, S)
+
+
+def test_registration_fill_becomes_background(tmp_path: Path):
+    """A rotated scan's white wedges are set to the dark background before the resize."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(20, 120, (496, 512), dtype=np.uint8)
+    rows, cols = np.indices(a.shape)
+    wedge = rows < 120 - cols * 0.4  # top-left triangle, as registration leaves it
+    a[wedge] = 255
+    path = _save(tmp_path / "NORMAL-1-1.png", a)
+    plain = read_image(path, 64, fill_white=False)
+    filled = read_image(path, 64, fill_white=True)
+    assert plain[:5, :5].min() > 240  # the wedge survives a plain resize
+    assert filled.max() < 130 and filled[:5, :5].max() < 60
+    np.testing.assert_array_equal(filled[-20:], plain[-20:])  # the rest is untouched
+
+
+@needs_mini
+def test_mini_scans_with_fill_are_cleaned():
+    files = sorted((MINI / "test/CNV").glob("*.jpg"))[:60]
+    cleaned = 0
+    for f in files:
+        plain, filled = read_image(f, 64, fill_white=False), read_image(f, 64, fill_white=True)
+        if (plain >= 250).mean() > 0.01:
+            assert (filled >= 250).mean() < 0.2 * (plain >= 250).mean(), f
+            cleaned += 1
+    assert cleaned > 5  # kermany-mini's test scans do carry such wedges

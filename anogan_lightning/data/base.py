@@ -44,13 +44,13 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.loader_generator is not None:
-            self.loader_generator.manual_seed(self.seed * 100_003 + epoch + 50_000)
+            self.loader_generator.manual_seed((self.seed * 100_003 + epoch + 50_000) % 2**63)
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 

@@ -484,14 +484,14 @@ class PatchBatchSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.loader_generator.manual_seed(self.seed * 100_003 + epoch + 50_000)
+        self.loader_generator.manual_seed((self.seed * 100_003 + epoch + 50_000) % 2**63)
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
         return full if self.drop_last or not rest else full + 1
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         order = torch.randperm(self.n, generator=g).numpy() if self.shuffle else np.arange(self.n)
         for i in range(len(self)):
             yield np.sort(order[i * self.batch_size : (i + 1) * self.batch_size])
