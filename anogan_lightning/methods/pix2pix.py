@@ -1,0 +1,189 @@
+"""pix2pix baselines of the Sparse-GAN paper (Zhou et al., ISBI 2020, Table 1): #1 scores in image
+space, #2 in latent space.
+
+Generator G = G_de ∘ G_en (``nets.pix2pix.EncoderDecoder``), reconstructing I_re = G(I_in), and a
+discriminator D judging I_in (real) against I_re (fake). Loss (eq. 1-3):
+
+    L_G = lambda_re L_re + lambda_adv L_adv,   L_re = ||I_in - G(I_in)||_1  (mean per pixel)
+    L_D = -log D(I_in) - log(1 - D(G(I_in)))
+
+Scores, both reported in every run as components, so the #1 vs #2 ablation is one run:
+- ``image`` (#1): mean over pixels of (I_in - I_re)^2;
+- ``latent`` (#2, eq. 4): A(I) = ||H_in - H_re||^2 / (C h w), H_in = G_en(I_in), H_re = E(I_re),
+  the encoder E being G_en itself (one parameter set, ``Pix2Pix.E``).
+``score_space`` picks which of the two is ``score``. Pixel anomaly map: the residual |I_in - I_re|
+for #1; the Anomaly Activation Map (eq. 8, :func:`anomaly_activation_map`) for #2.
+
+Choices the paper leaves open:
+- Backbone: a DCGAN/pix2pix-style conv encoder-decoder without skips, depth from the image size,
+  1024 x 7 x 7 latent at 224 x 224 with ``width=64`` (see ``nets/pix2pix.py``).
+- Adversarial loss: the standard GAN loss with D a PatchGAN (one logit per latent-resolution
+  patch, unconditional); G minimises the non-saturating form -log D(G(I_in))
+  (``adv_loss="bce"``, the default). ``adv_loss="feature"`` replaces it by GANomaly's feature
+  matching ||f(I_in) - f(G(I_in))||^2 on D's last hidden block, more stable but not the paper's.
+- Optimisers: Adam lr 1e-3 (sec. 3.2) for G and D, betas (0.5, 0.999) as in pix2pix; one D and
+  one G update per batch.
+- No latent-consistency loss (GANomaly's L_enc): the paper's loss has none, so #1 and #2 are the
+  same trained model scored two ways.
+- Scores are means over elements (a constant factor from the paper's sums: same ranking).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator
+from anogan_lightning.scoring import residual_map
+
+SCORE_SPACES = ("image", "latent")
+ADV_LOSSES = ("bce", "feature")
+
+
+def mean_sq(a: Tensor, b: Tensor) -> Tensor:
+    """mean (a - b)^2 over all but the batch dimension: (B,)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def anomaly_activation_map(
+    h_in: Tensor, h_re: Tensor, size: tuple[int, int] | None = None
+) -> Tensor:
+    """AAM (Sparse-GAN eq. 8): w = |GAP(H_in) - GAP(H_re)|, map = sum_c w_c H_in[c].
+
+    h_in, h_re (B, C, h, w) -> (B, 1, h, w), or (B, 1, *size) upsampled bilinearly.
+    """
+    h_in, h_re = h_in.float(), h_re.float()
+    w = (h_in.mean((2, 3)) - h_re.mean((2, 3))).abs()  # (B, C) channel weights
+    amap = torch.einsum("bc,bchw->bhw", w, h_in).unsqueeze(1)
+    if size is not None:
+        amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
+    return amap
+
+
+def gan_loss(logits: Tensor, real: bool) -> Tensor:
+    """Binary cross-entropy of patch logits (B, P) against all-real or all-fake targets."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+class Pix2Pix(AnomalyModule):
+    """Encoder-decoder GAN; ``score_space="image"`` is pix2pix #1, ``"latent"`` is #2."""
+
+    components = ("image", "latent")
+    fixed_batch_loss = "train/loss_re"  # G learns to reconstruct one fixed batch
+
+    def __init__(
+        self,
+        channels: int = 1,
+        width: int = 64,
+        image_size: int = 224,
+        score_space: str = "latent",
+        lambda_re: float = 20.0,
+        lambda_adv: float = 1.0,
+        adv_loss: str = "bce",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.5, 0.999),
+    ) -> None:
+        super().__init__()
+        if score_space not in SCORE_SPACES:
+            raise ValueError(f"score_space={score_space!r}; expected one of {SCORE_SPACES}")
+        if adv_loss not in ADV_LOSSES:
+            raise ValueError(f"adv_loss={adv_loss!r}; expected one of {ADV_LOSSES}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.generator = EncoderDecoder(channels, width, image_size)
+        self.discriminator = PatchDiscriminator(channels, width, image_size)
+
+    @property
+    def E(self) -> nn.Module:  # noqa: N802 (the paper's symbol)
+        """The encoder E of H_re = E(G(I_in)): G_en itself, the same Parameter objects."""
+        return self.generator.encoder
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.generator.parameters())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        opt_g = torch.optim.Adam(self.generator_parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return opt_d, opt_g
+
+    def extra_generator_loss(self, h_in: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Terms added to L_G besides L_re and L_adv (Sparse-GAN's lambda_sp L_sp)."""
+        return h_in.new_zeros(()), {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        if batch is None:
+            return
+        hp = self.hparams
+        x = batch["x"]
+        opt_d, opt_g = self.optimizers()
+        x_hat, h_in = self.generator(x)  # before toggling: the G step back-propagates through it
+
+        # D step: maximise log D(I_in) + log(1 - D(G(I_in)))  (eq. 2)
+        self.toggle_optimizer(opt_d)
+        logit_real = self.discriminator(x)
+        logit_fake = self.discriminator(x_hat.detach())
+        loss_d = gan_loss(logit_real, True) + gan_loss(logit_fake, False)
+        self.check_finite(**{"train/loss_d": loss_d})
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # G step: lambda_re L_re + lambda_adv L_adv (+ lambda_sp L_sp for Sparse-GAN), eq. 3 / 7
+        self.toggle_optimizer(opt_g)
+        loss_re = (x - x_hat).abs().mean()  # L1, eq. 1
+        if hp.adv_loss == "bce":  # non-saturating: -log D(G(I_in))
+            loss_adv = gan_loss(self.discriminator(x_hat), True)
+        else:  # feature matching (GANomaly): ||f(I_in) - f(G(I_in))||^2, f = D's last block
+            f_real = self.discriminator.forward_with_features(x)[1]
+            f_fake = self.discriminator.forward_with_features(x_hat)[1]
+            loss_adv = (f_real - f_fake).pow(2).mean()
+        extra, logs = self.extra_generator_loss(h_in)
+        loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
+        self.check_finite(**{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **logs})
+        self.check_finite(**{"train/loss_g": loss_g})
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.log_dict(
+            {
+                "train/loss_d": loss_d.detach(),
+                "train/loss_g": loss_g.detach(),
+                "train/loss_re": loss_re.detach(),
+                "train/loss_adv": loss_adv.detach(),
+                "train/d_real": torch.sigmoid(logit_real).mean().detach(),
+                "train/d_fake": torch.sigmoid(logit_fake).mean().detach(),
+                **{k: v.detach() for k, v in logs.items()},
+            },
+            prog_bar=True,
+        )
+
+    def forward_scores(self, x: Tensor) -> dict[str, Tensor]:
+        """x_hat = G(x), H_in = G_en(x), H_re = E(x_hat) and the image / latent scores."""
+        x_hat, h_in = self.generator(x)
+        h_re = self.E(x_hat)
+        return {
+            "x_hat": x_hat,
+            "h_in": h_in,
+            "h_re": h_re,
+            "image": mean_sq(x, x_hat),  # #1
+            "latent": mean_sq(h_in, h_re),  # #2, eq. 4
+        }
+
+    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
+        x = batch["x"]
+        f = self.forward_scores(x)
+        out = {name: f[name] for name in self.components}
+        out["score"] = f[self.hparams.score_space]
+        out["x_hat"] = f["x_hat"].float()
+        if self.hparams.score_space == "latent":
+            out["amap"] = anomaly_activation_map(f["h_in"], f["h_re"], x.shape[-2:])
+        else:
+            out["amap"] = residual_map(x.float(), out["x_hat"])
+        return out
