@@ -8,7 +8,8 @@ from ``error.txt`` (written by the entry point when a job raises) or the job's l
 Writes into the first directory given (the sweep directory) or ``--out``:
 - ``report.md`` and ``report.csv``: one row per run (method, overrides, val/test AUROC, AP,
   accuracy and sensitivity at the validation threshold, sensitivity / specificity / precision /
-  recall at the Youden cut-off), then the same averaged over seeds (mean ± std) where runs
+  recall at the Youden cut-off, and the test AUROC of every score component, e.g. image vs latent
+  score or AnoGAN's R, D and PD), then the same averaged over seeds (mean ± std) where runs
   differ only in ``seed``; failed runs with their reason;
 - ``roc.png``: every run's test ROC in one plot, from its ``scores.csv``;
 - ``score_distributions.png``: normal vs anomalous test score histograms, one panel per run.
@@ -99,6 +100,10 @@ def load_run(run: Path) -> dict:
     if "test/auroc" in results:
         rec["status"] = "finished"
         rec["metrics"] = {key: results.get(key) for _, key in COLUMNS}
+        prefix = "test/auroc_"
+        rec["components"] = {
+            k.removeprefix(prefix): v for k, v in results.items() if k.startswith(prefix)
+        }
         rec["method"] = results.get("method", rec["method"])
     else:
         rec["status"] = "failed"
@@ -131,14 +136,16 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 
 def markdown(records: list[dict], groups: list[dict], failed: list[dict], root: Path) -> str:
-    head = "| run | method | overrides | seed | " + " | ".join(c for c, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (4 + len(COLUMNS))]
+    head = "| run | method | overrides | seed | " + " | ".join(c for c, _ in COLUMNS)
+    lines = [head + " | test AUROC by component |", "|" + "---|" * (5 + len(COLUMNS))]
     for r in records:
         cells = [_fmt(r["metrics"][k]) for _, k in COLUMNS]
         name = _rel(r["run"], root)
         over = " ".join(r["overrides"])
         lines.append(
-            f"| {name} | {r['method']} | {over} | {r['seed']} | " + " | ".join(cells) + " |"
+            f"| {name} | {r['method']} | {over} | {r['seed']} | "
+            + " | ".join(cells)
+            + f" | {_components(r, ', ')} |"
         )
     if groups:
         lines += ["", "Mean ± std over seeds:", ""]
@@ -159,6 +166,11 @@ def markdown(records: list[dict], groups: list[dict], failed: list[dict], root: 
     return "\n".join(lines)
 
 
+def _components(r: dict, sep: str) -> str:
+    """Test AUROC per score component, e.g. ``image 0.7012, latent 0.6610``."""
+    return sep.join(f"{k} {_fmt(v)}" for k, v in sorted(r.get("components", {}).items()))
+
+
 def _rel(run: Path, root: Path) -> str:
     try:
         return str(run.relative_to(root)) or "."
@@ -170,7 +182,16 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
-            ["run", "status", "method", "overrides", "seed", *[k for _, k in COLUMNS], "reason"]
+            [
+                "run",
+                "status",
+                "method",
+                "overrides",
+                "seed",
+                *[k for _, k in COLUMNS],
+                "test/auroc_components",
+                "reason",
+            ]
         )
         for r in records:
             vals = [_fmt(r["metrics"][k]) for _, k in COLUMNS]
@@ -182,6 +203,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     " ".join(r["overrides"]),
                     r["seed"],
                     *vals,
+                    _components(r, "; "),
                     "",
                 ]
             )
@@ -195,6 +217,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     " ".join(r["overrides"]),
                     r["seed"],
                     *blanks,
+                    "",
                     r["reason"],
                 ]
             )

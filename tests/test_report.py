@@ -20,6 +20,7 @@ def _fake_run(d: Path, method: str, overrides: list[str], auroc: float, seed: in
         yaml.safe_dump({"seed": seed, "method": {"_target_": f"x.{method}"}})
     )
     results = {"method": method, "val/auroc": auroc - 0.01, "test/auroc": auroc, "test/ap": 0.5}
+    results |= {"test/auroc_residual": auroc - 0.05, "test/pixel_auroc": 0.99}
     (d / "results.json").write_text(json.dumps(results))
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0, 1] * 20)
@@ -51,6 +52,7 @@ def test_report_rows_seeds_and_failures(tmp_path: Path, capsys):
     md = (sweep / "report.md").read_text()
     assert "| 0 | AnoGAN |" in md and "| 1 | AnoGAN |" in md and "| 2 | Autoencoder |" in md
     assert "0.8500 ± 0.0707" in md  # mean ± std of 0.8 and 0.9
+    assert "| residual 0.7500 |" in md and "pixel" not in md  # components' test AUROC
     assert "Failed runs (1)" in md and "training diverged at step 7" in md
     assert "0.8500 ± 0.0707" in out
     rows = (sweep / "report.csv").read_text().splitlines()

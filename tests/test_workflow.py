@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, compose_cfg, tiny_overrides
 
 from anogan_lightning.train import run
@@ -138,3 +139,26 @@ def test_predict_folder_with_a_corrupt_file(tmp_path: Path):
     assert all(np.isfinite(float(r["score"])) and r["residual"] for r in good)
     assert len(list((out / "heatmaps").glob("*.png"))) == 5
     assert "skipping unreadable image" in proc.stdout + proc.stderr  # the warning names it
+
+
+def test_multirun_over_two_methods_then_report(tmp_path: Path):
+    """One job per method in one multirun; the report compares them in one table and plot."""
+    from conftest import TINY_DATA
+
+    from anogan_lightning import report
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "+method=anogan,autoencoder", *TINY_DATA, "data.image_size=16"]
+    args += ["++method.width=8", f"hydra.sweep.dir={sweep}"]  # ++: no method at sweep level
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert yaml.safe_load((sweep / job / "config.yaml").read_text())["method"]["width"] == 8
+    assert report.main([str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "AUROC" not in ln]
+    assert sorted(r.split(" | ")[1] for r in rows) == ["AnoGAN", "AutoEncoder"], md
+    assert "residual " in md and "latent " in md  # each method's component AUROCs
+    assert (sweep / "roc.png").stat().st_size > 0
+    assert (sweep / "score_distributions.png").stat().st_size > 0
+    assert len((sweep / "report.csv").read_text().splitlines()) == 3
