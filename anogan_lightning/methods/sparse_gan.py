@@ -15,7 +15,7 @@ w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c], upsampled to t
 Components: ``image`` (#1's score) and ``latent`` (= ``score``). The SRN does not run at test
 time: the paper's score does not use it, and the query's own L_sp, tried as a component, ranked
 below chance on kermany-mini (test AUROC 0.39-0.49) while costing ~45 % of the scoring FLOPs at
-224 x 224 (experiments/isbi2020.md).
+224 x 224 (experiments/README.md).
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224
@@ -35,7 +35,7 @@ Choices the paper leaves open, made here (each also in the module it concerns):
 - W_d, the SRN and G are updated by the same Adam optimiser (lr 1e-3) on L_G; D as in pix2pix.
 - Adversarial loss, optimisers, no latent-consistency loss: as ``methods/pix2pix.py``.
 
-Measured (experiments/isbi2020.md): on kermany-mini at ~1000 steps L_sp lowers the effective
+Measured (experiments/README.md): on kermany-mini at ~1000 steps L_sp lowers the effective
 rank of H_in (29 -> 12.5) and the latent score's AUROC with it, more the larger lambda_sp.
 """
 

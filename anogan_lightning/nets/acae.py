@@ -11,7 +11,7 @@ adversary (a DCGAN discriminator, built by the method) has AnoGAN's.
 The bottleneck is a dense ``latent_dim`` code (Linear from the encoder's (8d, 4, 4) output,
 the generator's Linear back), like a GAN's z but not sampled from a prior, so no tanh. (A
 convolutional (8d, 4, 4) code was tried on kermany-mini and scored lower: it reconstructs
-lesions too; see experiments/ipmi2017.md.)
+lesions too; see experiments/README.md.)
 """
 
 from __future__ import annotations
