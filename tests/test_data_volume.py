@@ -280,13 +280,15 @@ def test_composes_with_the_train_config(tmp_path, synth: OCTVolumeDataModule):
     assert batch["x"].shape == (16, 1, S, S) and isinstance(dm.train_set, PatchDataset)
 
 
-def test_end_to_end_pixel_evaluation(tmp_path):
-    """anogan on synthetic volumes: patch maps stitched into B-scans, pixel metrics, overlays."""
+@pytest.mark.parametrize("method", ["anogan", "sparse_gan"])
+def test_end_to_end_pixel_evaluation(tmp_path, method: str):
+    """Synthetic volumes: patch maps (residual; Sparse-GAN's AAM) stitched into B-scans, pixel
+    metrics, overlays."""
     from conftest import compose_cfg, tiny_overrides
 
     from anogan_lightning.train import run
 
-    overrides = [o for o in tiny_overrides("anogan") if not o.startswith(("data.n_", "data.image"))]
+    overrides = [o for o in tiny_overrides(method) if not o.startswith(("data.n_", "data.image"))]
     overrides += [
         "data=oct_volume",
         f"data.cache_dir={tmp_path / 'cache'}",
