@@ -246,7 +246,7 @@ def save_overlay(
             ax.contour(_np(mask).astype(float), levels=[0.5], colors="cyan", linewidths=0.7)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].set_title("B-scan, lesion mask", fontsize=7)
+    axes[0].set_title("B-scan, lesion mask" if mask is not None else "B-scan", fontsize=7)
     axes[1].set_title(f"anomaly map (0..{vmax:.3g})", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=7)

@@ -1,17 +1,38 @@
 """Score new scans with a trained model:
-``python -m anogan_lightning.predict ckpt=<model.ckpt> input=<image | folder>``.
+``python -m anogan_lightning.predict ckpt=<model.ckpt> input=<file | folder>``.
 
 The checkpoint (``checkpoints/model.ckpt`` of a training run) carries the method's class and
 hyperparameters, its weights, the decision threshold chosen on the validation split and the
-data settings it was trained with, so new B-scans are preprocessed exactly as its test images
-were (grayscale, resized to the training height, centre square crop, optional flattening).
+data settings it was trained with, so new scans are preprocessed exactly as its test data were.
+
+- A checkpoint trained on 2-D B-scans scores images (.jpeg .jpg .png .tif .tiff .bmp): grayscale,
+  resized to the training height, centre square crop, optional flattening; a folder is streamed
+  in batches (``batch_size``, ``num_workers``) with a progress bar.
+- A checkpoint trained on ``data=oct_volume`` scores OCT volumes (.vol .e2e .npy .npz .tif .tiff
+  .nii .nii.gz), one at a time: every B-scan prepared as the training run's test volumes, grid
+  patches scored in batches, patch maps stitched into B-scans. A B-scan's / volume's score is
+  the max of its patch scores, anomalous when >= the (patch-level) threshold, i.e. when any of
+  its patches is: :mod:`anogan_lightning.predict_volume` says why. Volume files without a
+  column spacing (.npy, .e2e) take ``spacing_x_um``, else the training run's
+  ``data.spacing_x_um``.
+
+A folder is searched recursively for both kinds (files under a ``masks/`` folder, the
+annotations of the data layout, are left out). A file the checkpoint cannot score (a volume
+for a 2-D checkpoint, an image for a volume checkpoint) gets a ``status=unsupported`` row with
+the reason; an unreadable or malformed one (bad file, wrong dimensionality, no spacing,
+segmentation failure) a warning and a ``status=unreadable`` row. Neither is fatal.
 
 Writes into the run directory (``outputs/predict/<date>_<time>/``):
-- ``predictions.csv``: one row per file: ``path``, ``status`` (``ok`` or ``unreadable``),
-  ``score``, every score component, ``anomalous`` (1 when score >= threshold), ``threshold``,
-  and ``error`` for unreadable files (reported, skipped, never fatal);
-- ``heatmaps/<k>_<name>.png``: the scan and its anomaly map (``heatmaps=false`` skips them).
-A folder is streamed in batches (``batch_size``, ``num_workers``) with a progress bar.
+- ``predictions.csv``: one row per file: ``path``, ``status`` (ok, unreadable, unsupported),
+  ``kind`` (image, volume), ``score``, every score component, ``anomalous`` (1 when
+  ``rule`` holds), ``threshold``, ``rule``; volumes also ``bscans``, ``anomalous_bscans``,
+  ``patches`` and ``anomalous_patches``; ``error`` (the reason for a skipped file);
+- ``bscans.csv`` (volume checkpoints): one row per (volume, B-scan): ``path``, ``bscan``,
+  ``score``, components, ``anomalous``, ``threshold``, ``patches``, ``anomalous_patches``,
+  ``heatmap``;
+- ``heatmaps/<k>_<name>.png`` per image: the scan and its anomaly map; per volume
+  ``heatmaps/<k>_<name>/bscan_<i>.png`` for its ``max_bscan_heatmaps`` highest-scoring B-scans:
+  the flattened B-scan and its stitched map (``heatmaps=false`` skips them all).
 """
 
 from __future__ import annotations
@@ -19,7 +40,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -28,24 +52,62 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from anogan_lightning import predict_volume as pv
 from anogan_lightning.data.kermany import read_image
+from anogan_lightning.data.oct_volume import PatchDataset
+from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
 
 log = logging.getLogger("anogan_lightning.predict")
-SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + VOLUME_SUFFIXES))
+IMAGE_RULE = "score >= threshold"
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """One image, or every image under a folder (recursively, sorted)."""
+    """One file, or every image and volume file under a folder (recursively, sorted), leaving
+    out annotation masks (files under a ``masks/`` folder)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"input {path} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and suffix(p) in SUFFIXES and "masks" not in p.relative_to(path).parts[:-1]
+    )
     if not files:
-        raise ValueError(f"no images ({' '.join(SUFFIXES)}) under {path}")
+        raise ValueError(f"no images or volumes ({' '.join(SUFFIXES)}) under {path}")
     return files
+
+
+def route(files: list[Path], volumes: bool, data: dict) -> tuple[list[Path], list[tuple]]:
+    """Files this checkpoint scores, and (path, kind, reason) for those it cannot.
+
+    A volume checkpoint takes every file but 2-D image formats; a 2-D checkpoint every file but
+    volume-only formats (.tif/.tiff go to either).
+    """
+    scored, unsupported = [], []
+    trained_on = str(data.get("_target_", "2-D B-scans")).rsplit(".", 1)[-1]
+    for p in files:
+        kind = suffix(p)
+        if volumes and kind in IMAGE_SUFFIXES and kind not in VOLUME_SUFFIXES:
+            reason = (
+                "a 2-D image; this checkpoint was trained on OCT volumes (data=oct_volume) and "
+                f"scores volume files ({' '.join(VOLUME_SUFFIXES)})"
+            )
+            unsupported.append((p, "image", reason))
+        elif not volumes and kind in VOLUME_SUFFIXES and kind not in IMAGE_SUFFIXES:
+            reason = (
+                f"an OCT volume; this checkpoint was trained on 2-D B-scans ({trained_on}) and "
+                f"scores images ({' '.join(IMAGE_SUFFIXES)}); volumes need a checkpoint trained "
+                "with data=oct_volume"
+            )
+            unsupported.append((p, "volume", reason))
+        else:
+            scored.append(p)
+    return scored, unsupported
 
 
 class ScanFiles(Dataset):
@@ -113,16 +175,51 @@ def _heatmap(path: Path, x: torch.Tensor, amap: torch.Tensor, title: str) -> Non
     plt.close(fig)
 
 
-def predict(cfg: DictConfig) -> Path:
-    """Score every input file; returns the path of predictions.csv."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
-    model, data = load_model(cfg.ckpt, device)
-    files = list_inputs(cfg.input)
-    threshold = float(cfg.threshold) if cfg.threshold is not None else float(model.threshold)
-    if math.isnan(threshold):
-        log.warning("the checkpoint has no validation threshold: the anomalous column is empty")
+def _cell(v) -> str | int:
+    """A CSV cell: floats to 8 significant digits, NaN and None empty."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.8g}" if isinstance(v, float) else v
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class Rows:
+    """Rows of predictions.csv and (volume checkpoints) bscans.csv, flushed per file."""
+
+    def __init__(self, files, bscans, names: list[str], threshold: float) -> None:
+        self.threshold, self._fh = threshold, [fh for fh in (files, bscans) if fh is not None]
+        cols = ["path", "status", "kind", "score", *names, "anomalous", "threshold", "rule"]
+        cols += ["bscans", "anomalous_bscans", "patches", "anomalous_patches", "error"]
+        self.files = csv.DictWriter(files, cols)
+        self.files.writeheader()
+        self.bscans = None
+        if bscans is not None:
+            cols = ["path", "bscan", "score", *names, "anomalous", "threshold", "patches"]
+            self.bscans = csv.DictWriter(bscans, [*cols, "anomalous_patches", "heatmap"])
+            self.bscans.writeheader()
+
+    def file(self, path, status: str, kind: str, **values) -> None:
+        if status == "ok":
+            values["threshold"] = self.threshold
+        self.files.writerow(
+            {"path": str(path), "status": status, "kind": kind}
+            | {k: _cell(v) for k, v in values.items()}
+        )
+
+    def bscan(self, path, **values) -> None:
+        values["threshold"] = self.threshold
+        self.bscans.writerow({"path": str(path)} | {k: _cell(v) for k, v in values.items()})
+
+    def flush(self) -> None:
+        for fh in self._fh:
+            fh.flush()
+
+
+def _predict_images(model, files: list[Path], data: dict, cfg, device, rows: Rows, out: Path):
+    """Score 2-D images in batches; returns (scored, unreadable)."""
     image_size = int(model.hparams.get("image_size", data.get("image_size", 64)))
     ds = ScanFiles(
         files,
@@ -134,45 +231,117 @@ def predict(cfg: DictConfig) -> Path:
     loader = DataLoader(
         ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate
     )
+    names, threshold = list(model.components), rows.threshold
+    n_ok = n_bad = 0
+    for batch in tqdm(loader, desc="scoring", unit="batch"):
+        for path, err in batch["errors"]:
+            log.warning("skipping unreadable image %s: %s", path, err)
+            rows.file(path, "unreadable", "image", error=err)
+            n_bad += 1
+        if batch["x"] is None:
+            continue
+        x = batch["x"].to(device)
+        with torch.inference_mode(not model.needs_grad_at_test):
+            res = model.score({"x": x, "id": batch["id"]})
+        score = res["score"].detach().float().cpu()
+        for i, path in enumerate(batch["id"]):
+            s = float(score[i])
+            flag = None if math.isnan(threshold) else int(s >= threshold)
+            comps = {n: float(res[n][i]) for n in names}
+            rows.file(path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, **comps)
+            if cfg.heatmaps and "amap" in res:
+                _heatmap(
+                    out / "heatmaps" / f"{n_ok:06d}_{_safe(Path(path).stem)}.png",
+                    x[i].detach().float().cpu(),
+                    res["amap"][i].detach().float().cpu(),
+                    f"{path}\nscore {s:.4g}"
+                    + ("" if flag is None else f" ({'anomalous' if flag else 'normal'})"),
+                )
+            n_ok += 1
+        rows.flush()
+    return n_ok, n_bad
+
+
+def _predict_volumes(model, files: list[Path], dm, cfg, device, rows: Rows, out: Path):
+    """Score OCT volumes one at a time; returns (scored, unreadable)."""
+    size = int(model.hparams.get("image_size", dm.image_size))
+    if size != dm.image_size:
+        raise ValueError(f"the model takes {size}-px patches, its data config {dm.image_size}")
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=out))  # prepared volumes, deleted
+    loader = DataLoader(
+        pv.VolumeFiles(files, dm, scratch),
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        collate_fn=pv.as_is,
+        prefetch_factor=1 if cfg.num_workers > 0 else None,  # at most num_workers volumes ahead
+    )
+    threshold, cap = rows.threshold, cfg.max_bscan_heatmaps
+    draw = bool(cfg.heatmaps) and (cap is None or cap > 0)  # stitch maps only to draw them
+    n_ok = n_bad = 0
+    try:
+        for item in tqdm(loader, desc="scoring", unit="volume"):
+            path = item["path"]
+            if "error" in item:
+                log.warning("skipping unreadable volume %s: %s", path, item["error"])
+                rows.file(path, "unreadable", "volume", error=item["error"])
+                n_bad += 1
+                continue
+            try:
+                patches = PatchDataset(item["dirs"][1])
+                vs = pv.score_volume(model, patches, cfg.batch_size, device, draw)
+                per_bscan = pv.bscan_rows(vs, threshold)
+                maps = {}
+                if draw:
+                    folder = out / "heatmaps" / f"{n_ok:06d}_{_safe(stem(path))}"
+                    maps = pv.write_heatmaps(folder, vs, per_bscan, cap, Path(path).name)
+            finally:
+                pv.remove(item["dirs"])
+            rows.file(path, "ok", "volume", rule=pv.RULE, **pv.volume_row(vs, per_bscan, threshold))
+            for r in per_bscan:
+                heatmap = maps.get(r["bscan"])
+                rows.bscan(path, heatmap=str(heatmap.relative_to(out)) if heatmap else "", **r)
+            rows.flush()
+            n_ok += 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return n_ok, n_bad
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Score every input file; returns the path of predictions.csv."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    model, data = load_model(cfg.ckpt, device)
+    dm = pv.volume_datamodule(data, cfg.get("spacing_x_um"))
+    files, unsupported = route(list_inputs(cfg.input), dm is not None, data)
+    threshold = float(cfg.threshold) if cfg.threshold is not None else float(model.threshold)
+    if math.isnan(threshold):
+        log.warning("the checkpoint has no validation threshold: the anomalous column is empty")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.heatmaps:
         (out / "heatmaps").mkdir(exist_ok=True)
-    names = list(getattr(model, "components", ()))
-    csv_path = out / "predictions.csv"
-    n_ok = n_bad = 0
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "status", "score", *names, "anomalous", "threshold", "error"])
-        for batch in tqdm(loader, desc="scoring", unit="batch"):
-            for path, err in batch["errors"]:
-                log.warning("skipping unreadable image %s: %s", path, err)
-                w.writerow([path, "unreadable", "", *[""] * len(names), "", "", err])
-                n_bad += 1
-            if batch["x"] is None:
-                continue
-            x = batch["x"].to(device)
-            with torch.inference_mode(not model.needs_grad_at_test):
-                res = model.score({"x": x, "id": batch["id"]})
-            score = res["score"].detach().float().cpu()
-            for i, path in enumerate(batch["id"]):
-                s = float(score[i])
-                flag = "" if math.isnan(threshold) else int(s >= threshold)
-                comps = [f"{float(res[n][i]):.8g}" for n in names]
-                w.writerow([path, "ok", f"{s:.8g}", *comps, flag, f"{threshold:.8g}", ""])
-                if cfg.heatmaps and "amap" in res:
-                    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)
-                    _heatmap(
-                        out / "heatmaps" / f"{n_ok:06d}_{stem}.png",
-                        x[i].detach().float().cpu(),
-                        res["amap"][i].detach().float().cpu(),
-                        f"{path}\nscore {s:.4g}"
-                        + (f" ({'anomalous' if flag else 'normal'})" if flag != "" else ""),
-                    )
-                n_ok += 1
-            fh.flush()
-    print(f"scored {n_ok} scan(s), {n_bad} unreadable; predictions: {csv_path}")
-    return csv_path
+    with ExitStack() as stack:
+        fh = stack.enter_context(open(out / "predictions.csv", "w", newline=""))
+        bscans = None
+        if dm is not None:
+            bscans = stack.enter_context(open(out / "bscans.csv", "w", newline=""))
+        rows = Rows(fh, bscans, list(model.components), threshold)
+        for path, kind, reason in unsupported:
+            log.warning("skipping unsupported file %s: %s", path, reason)
+            rows.file(path, "unsupported", kind, error=reason)
+        rows.flush()
+        if dm is not None:
+            n_ok, n_bad = _predict_volumes(model, files, dm, cfg, device, rows, out)
+        else:
+            n_ok, n_bad = _predict_images(model, files, data, cfg, device, rows, out)
+    kind = "volume" if dm is not None else "scan"
+    print(
+        f"scored {n_ok} {kind}(s), {n_bad} unreadable, {len(unsupported)} unsupported; "
+        f"predictions: {out / 'predictions.csv'}"
+    )
+    return out / "predictions.csv"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
