@@ -175,3 +175,23 @@ def test_paper_latent_shape():
 def test_bad_image_size():
     with pytest.raises(ValueError, match="halve"):
         n_stages(100)
+
+
+def test_decode_from_code_reconstructs_through_the_sparse_code():
+    """decode_from="code": G_de reads W_d S(H_in), so the dictionary shapes the reconstruction
+    and L_sp is the objective at the code the decoder read."""
+    torch.manual_seed(0)
+    model = SparseGAN(width=4, image_size=16, decode_from="code")  # train mode: batch stats
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        x_hat, h_in, code = model.generate(x)
+        assert (code != 0).any() and (code == 0).any()
+        torch.testing.assert_close(x_hat, model.generator.decoder(model.srn.reconstruct(code)))
+        loss, logs = model.extra_generator_loss(h_in, code)
+        torch.testing.assert_close(loss, 50.0 * model.srn.objective(h_in, code).mean())
+        model.srn.dictionary.mul_(-1.0)
+        assert not torch.allclose(model.generate(x)[0], x_hat)  # the decoder sees the code
+        out = model.eval().score({"x": x})
+    assert out["score"].shape == (3,) and torch.isfinite(out["score"]).all()
+    with pytest.raises(ValueError, match="decode_from"):
+        SparseGAN(width=4, image_size=16, decode_from="sparse")

@@ -110,7 +110,14 @@ class Pix2Pix(AnomalyModule):
         opt_g = torch.optim.Adam(self.generator_parameters(), lr=hp.lr, betas=tuple(hp.betas))
         return opt_d, opt_g
 
-    def extra_generator_loss(self, h_in: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def generate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(I_re = G(x), H_in = G_en(x), auxiliary output for ``extra_generator_loss``)."""
+        x_hat, h_in = self.generator(x)
+        return x_hat, h_in, None
+
+    def extra_generator_loss(
+        self, h_in: Tensor, aux: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Terms added to L_G besides L_re and L_adv (Sparse-GAN's lambda_sp L_sp)."""
         return h_in.new_zeros(()), {}
 
@@ -120,7 +127,9 @@ class Pix2Pix(AnomalyModule):
         hp = self.hparams
         x = batch["x"]
         opt_d, opt_g = self.optimizers()
-        x_hat, h_in = self.generator(x)  # before toggling: the G step back-propagates through it
+        x_hat, h_in, aux = self.generate(
+            x
+        )  # before toggling: the G step back-propagates through it
 
         # D step: maximise log D(I_in) + log(1 - D(G(I_in)))  (eq. 2)
         self.toggle_optimizer(opt_d)
@@ -142,7 +151,7 @@ class Pix2Pix(AnomalyModule):
             f_real = self.discriminator.forward_with_features(x)[1]
             f_fake = self.discriminator.forward_with_features(x_hat)[1]
             loss_adv = (f_real - f_fake).pow(2).mean()
-        extra, logs = self.extra_generator_loss(h_in)
+        extra, logs = self.extra_generator_loss(h_in, aux)
         loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
         self.check_finite(**{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **logs})
         self.check_finite(**{"train/loss_g": loss_g})
@@ -166,7 +175,7 @@ class Pix2Pix(AnomalyModule):
 
     def forward_scores(self, x: Tensor) -> dict[str, Tensor]:
         """x_hat = G(x), H_in = G_en(x), H_re = E(x_hat) and the image / latent scores."""
-        x_hat, h_in = self.generator(x)
+        x_hat, h_in, _ = self.generate(x)
         h_re = self.E(x_hat)
         return {
             "x_hat": x_hat,

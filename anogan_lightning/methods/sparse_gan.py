@@ -22,9 +22,13 @@ Choices the paper leaves open, made here (each also in the module it concerns):
   (64-128-256-512-1024 channels at ``width=64``) giving H_in 1024 x 7 x 7; the last encoder stage
   is BatchNorm without affine parameters + ReLU, so H_in >= 0 (CAM-like features for the AAM)
   with a fixed per-channel scale (L_sp cannot be lowered by shrinking H_in).
-- The SRN is a regulariser: the decoder reads H_in itself, not the sparse code; L_sp pulls
-  G_en's features towards what a dictionary learnt on normal retinas codes sparsely, which is
-  the constraint the latent score then measures departures from.
+- The SRN is a regulariser: the decoder reads H_in itself, not the sparse code
+  (``decode_from="latent"``, the default); L_sp pulls G_en's features towards what a dictionary
+  learnt on normal retinas codes sparsely, which is the constraint the latent score then
+  measures departures from. The paper's text also admits the other reading, the decoder
+  reconstructing from the sparse approximation W_d s of H_in (``decode_from="code"``: a sparse
+  bottleneck, as in memory-augmented auto-encoders, so a query the normal atoms cannot code
+  sparsely is reconstructed badly); both are here, compared in experiments/README.md.
 - SRN (``nets/srn.py``): T = ``srn_steps`` unrolled Sparse-LSTM steps (default 3) with k x k
   convolutions (``srn_kernel``, default 3) for the input and state products, gates and cell as
   in an LSTM, a learnable per-channel soft-threshold theta = exp(log_theta) > 0 as output
@@ -45,6 +49,8 @@ from torch import Tensor, nn
 
 from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.nets.srn import SparsityRegularizationNet
+
+DECODE_FROM = ("latent", "code")  # what G_de reads: H_in, or its sparse approximation W_d s
 
 
 class SparseGAN(Pix2Pix):
@@ -67,12 +73,15 @@ class SparseGAN(Pix2Pix):
         srn_steps: int = 3,
         srn_kernel: int = 3,
         srn_code_channels: int | None = None,
+        decode_from: str = "latent",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
     ) -> None:
         super().__init__(
             channels, width, image_size, score_space, lambda_re, lambda_adv, adv_loss, lr, betas
         )
+        if decode_from not in DECODE_FROM:
+            raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
         self.save_hyperparameters()
         self.srn = SparsityRegularizationNet(
             self.generator.encoder.out_channels, srn_code_channels, srn_steps, srn_kernel, alpha
@@ -81,8 +90,23 @@ class SparseGAN(Pix2Pix):
     def generator_parameters(self) -> list[nn.Parameter]:
         return list(self.generator.parameters()) + list(self.srn.parameters())
 
-    def extra_generator_loss(self, h_in: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        loss_sp, code = self.srn.loss(h_in.float())
+    def generate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``decode_from="code"``: I_re = G_de(W_d S(H_in)), the code s returned for L_sp."""
+        if self.hparams.decode_from == "latent":
+            return super().generate(x)
+        h_in = self.generator.encoder(x)
+        code = self.srn(h_in.float())
+        x_hat = self.generator.decoder(self.srn.reconstruct(code).to(h_in.dtype))
+        return x_hat, h_in, code
+
+    def extra_generator_loss(
+        self, h_in: Tensor, aux: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if aux is None:
+            loss_sp, code = self.srn.loss(h_in.float())
+        else:  # the code the decoder read (decode_from="code")
+            code = aux
+            loss_sp = self.srn.objective(h_in.float(), code)
         loss_sp = loss_sp.mean()  # L_sp = S(H_in), eq. 7
         logs = {
             "train/loss_sp": loss_sp,
