@@ -7,6 +7,7 @@ prints everything under a ``# <name>`` header. Exit status: non-zero if any benc
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -27,10 +28,13 @@ def main(argv: list[str]) -> int:
         print(f"unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
         return 2
     failed = []
+    # the checkout itself importable, installed or not (children run from benchmarks/)
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     for name in names:
         print(f"# {name}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra])
+        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra], env=env)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s, exit {proc.returncode}\n", flush=True)
         if proc.returncode:
             failed.append(name)

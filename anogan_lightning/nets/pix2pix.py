@@ -12,6 +12,11 @@ them. The last encoder stage is conv -> BatchNorm without affine parameters -> R
 non-negative, as the features of a class activation map (the AAM, eq. 8, is built on it), and
 its per-channel scale is fixed, so no loss on H_in (the SRN's L_sp, the latent score) can be
 lowered by shrinking it (the decoder's first BatchNorm would undo any scale).
+
+Memory format: weights and activations are channels-last (NHWC). Same numbers, but oneDNN's
+convolutions skip their layout reorders: scoring at 224 x 224, batch 32, width 64 runs 1.35x
+faster on CPU and a training step 1.15x (benchmarks/sparse_gan.py); on GPUs it is the layout
+tensor-core convolutions want.
 """
 
 from __future__ import annotations
@@ -58,6 +63,16 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def channels_last(module: nn.Module) -> nn.Module:
+    """The module's 4-D parameters and buffers in channels-last layout (in place)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def nhwc(x: Tensor) -> Tensor:
+    """x as a channels-last tensor (no copy when it already is one)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _down(c_in: int, c_out: int, norm: bool) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not norm)] + (
         [nn.BatchNorm2d(c_out)] if norm else []
@@ -93,9 +108,10 @@ class Encoder(nn.Module):
         self.out_channels = chans[-1]
         self.out_size = image_size // 2 ** len(chans)
         init_weights(self)
+        channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(nhwc(x))
 
 
 class Decoder(nn.Module):
@@ -119,9 +135,10 @@ class Decoder(nn.Module):
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers)
         init_weights(self)
+        channels_last(self)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)
+        return self.net(nhwc(h))
 
 
 class EncoderDecoder(nn.Module):
@@ -159,10 +176,11 @@ class PatchDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(chans[-1], 1, 3, 1, 1)
         init_weights(self)
+        channels_last(self)
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(patch logits (B, s * s), last hidden block f(x) (B, width * 2**(n-1), s, s))."""
-        f = self.features(x)
+        f = self.features(nhwc(x))
         return self.head(f).flatten(1), f
 
     def forward(self, x: Tensor) -> Tensor:
