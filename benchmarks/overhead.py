@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args, _ = ap.parse_known_args()
+    # one thread: the framework's per-step work is what differs, and idle OpenMP threads
+    # spinning between ops would add noise of their own to both loops
+    torch.set_num_threads(args.threads)
     data = batches(args.steps, args.batch, args.image_size)
     kw = dict(width=args.width, image_size=args.image_size, progress=False)
     bare_loop(AnoGAN(**kw), data[:3])  # warm-up
@@ -93,7 +97,10 @@ def main() -> None:
         torch.manual_seed(0)
         light.append(lightning_loop(AnoGAN(**kw), data))
     b, li = min(bare), min(light)
-    print(f"width={args.width} image_size={args.image_size} batch={args.batch} steps={args.steps}")
+    print(
+        f"width={args.width} image_size={args.image_size} batch={args.batch} steps={args.steps} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"bare_step_ms={1000 * b / args.steps:.1f}")
     print(f"lightning_step_ms={1000 * li / args.steps:.1f}")
     print(f"lightning_overhead_pct={100 * (li - b) / b:.1f}")
