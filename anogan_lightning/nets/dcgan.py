@@ -3,6 +3,9 @@
 AnoGAN's grayscale variant: 5x5 kernels, stride 2, channels 512-256-128-64 for a 64x64 image
 (``width=64``), z 100-dim. Depth follows the image size: log2(image_size / 4) strided layers, so
 ``image_size=64`` gives the paper's 4 fractionally-strided convolutions and 4 convolutions.
+
+Weights and activations are channels-last (NHWC): the same numbers, without oneDNN's layout
+reorders around every (transposed) convolution (see ``nets/pix2pix.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from anogan_lightning.nets.pix2pix import channels_last, nhwc
 
 
 def n_layers(image_size: int) -> int:
@@ -53,9 +58,10 @@ class DCGANGenerator(nn.Module):
         layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
         init_dcgan_weights(self)
+        channels_last(self)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.project(z).view(-1, self.start, 4, 4)
+        h = nhwc(self.project(z).view(-1, self.start, 4, 4))
         return self.net(self.project_norm(h))
 
 
@@ -85,8 +91,10 @@ class DCGANDiscriminator(nn.Module):
         self.feature_layer = feature_layer % n
         self.head = nn.Linear(chans[-1] * 16, 1)
         init_dcgan_weights(self)
+        channels_last(self)
 
     def features(self, x: Tensor) -> list[Tensor]:
+        x = nhwc(x)
         feats = []
         for block in self.blocks:
             x = block(x)
