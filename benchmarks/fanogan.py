@@ -24,9 +24,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from common import lightning_loop
 from torch.utils.flop_counter import FlopCounterMode
 
 from anogan_lightning.losses import (
@@ -147,29 +146,6 @@ def bare_loop(model: FAnoGAN, data: list[dict]) -> tuple[float, float]:
             opt_g.step()
             c.requires_grad_(True)
     return time.perf_counter() - t0, time.process_time() - c0
-
-
-class _Timer(pl.Callback):
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.elapsed = time.perf_counter() - self.t0, time.process_time() - self.c0
-
-
-def lightning_loop(model: FAnoGAN, data: list[dict]) -> tuple[float, float]:
-    timer = _Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=None))
-    return timer.elapsed
 
 
 def main() -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from common import lightning_loop
 
 from anogan_lightning.methods.anogan import AnoGAN
 from anogan_lightning.nets.dcgan import sample_uniform_z
@@ -52,29 +51,6 @@ def bare_loop(model: AnoGAN, data: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
-class _Timer(pl.Callback):
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.elapsed = time.perf_counter() - self.t0
-
-
-def lightning_loop(model: AnoGAN, data: list[dict]) -> float:
-    timer = _Timer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=None))
-    return timer.elapsed
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=32)
@@ -95,7 +71,7 @@ def main() -> None:
         torch.manual_seed(0)
         bare.append(bare_loop(AnoGAN(**kw), data))
         torch.manual_seed(0)
-        light.append(lightning_loop(AnoGAN(**kw), data))
+        light.append(lightning_loop(AnoGAN(**kw), data)[0])  # wall s
     b, li = min(bare), min(light)
     print(
         f"width={args.width} image_size={args.image_size} batch={args.batch} steps={args.steps} "

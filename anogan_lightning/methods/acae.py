@@ -79,9 +79,7 @@ class ACAE(AnomalyModule):
         logit_fake = self.discriminator(x_hat.detach())
         loss_d = bce_discriminator_loss(logit_real, logit_fake)
         self.check_finite(**{"train/loss_d": loss_d})
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
-        opt_d.step()
+        self.optimizer_update(opt_d, loss_d)
         self.untoggle_optimizer(opt_d)
 
         # autoencoder step: λ_rec·mean|x - x̂| + λ_adv·(-log D(x̂))
@@ -90,9 +88,7 @@ class ACAE(AnomalyModule):
         loss_adv = bce_generator_loss(self.discriminator(x_hat))
         loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
         self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss_ae)
-        opt_ae.step()
+        self.optimizer_update(opt_ae, loss_ae)
         self.untoggle_optimizer(opt_ae)
 
         self.log_dict(

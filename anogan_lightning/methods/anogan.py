@@ -91,9 +91,7 @@ class AnoGAN(AnomalyModule):
             logit_real, real_target
         ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
         self.check_finite(**{"train/loss_d": loss_d})
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
-        opt_d.step()
+        self.optimizer_update(opt_d, loss_d)
         self.untoggle_optimizer(opt_d)
 
         # G step: non-saturating, maximise log D(G(z))
@@ -101,9 +99,7 @@ class AnoGAN(AnomalyModule):
         logit_gen = self.discriminator(x_fake)
         loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
         self.check_finite(**{"train/loss_g": loss_g})
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
+        self.optimizer_update(opt_g, loss_g)
         self.untoggle_optimizer(opt_g)
 
         self.log_dict(

@@ -83,6 +83,12 @@ class AnomalyModule(pl.LightningModule):
                     f"(epoch {self.current_epoch}): {name} = {value.item()}"
                 )
 
+    def optimizer_update(self, opt, loss: Tensor) -> None:
+        """One manual-optimisation update of ``opt`` on ``loss`` (zero grad, backward, step)."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+
     def _check_grad_mode(self) -> None:
         if self.needs_grad_at_test and torch.is_inference_mode_enabled():
             raise RuntimeError(

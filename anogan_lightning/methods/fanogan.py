@@ -210,9 +210,7 @@ class FAnoGAN(AnomalyModule):
         gp = gradient_penalty(self.critic, x, x_fake)
         loss_c = wasserstein_critic_loss(c_real, c_fake) + hp.lambda_gp * gp
         self.check_finite(**{"train/loss_d": loss_c})
-        opt_c.zero_grad(set_to_none=True)
-        self.manual_backward(loss_c)
-        opt_c.step()
+        self.optimizer_update(opt_c, loss_c)
         self.untoggle_optimizer(opt_c)
         logs = {
             "train/loss_d": loss_c.detach(),
@@ -224,9 +222,7 @@ class FAnoGAN(AnomalyModule):
             self.toggle_optimizer(opt_g)
             loss_g = wasserstein_generator_loss(self.critic(self.generator(self.sample_z(len(x)))))
             self.check_finite(**{"train/loss_g": loss_g})
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(loss_g)
-            opt_g.step()
+            self.optimizer_update(opt_g, loss_g)
             self.untoggle_optimizer(opt_g)
             logs["train/loss_g"] = loss_g.detach()
         self.log_dict(logs, prog_bar=True)
@@ -245,9 +241,7 @@ class FAnoGAN(AnomalyModule):
         )
         loss_e = loss.mean()
         self.check_finite(**{"train/loss_e": loss_e})
-        opt_e.zero_grad(set_to_none=True)
-        self.manual_backward(loss_e)
-        opt_e.step()
+        self.optimizer_update(opt_e, loss_e)
         self.untoggle_optimizer(opt_e)
         self.log_dict(
             {

@@ -137,9 +137,7 @@ class Pix2Pix(AnomalyModule):
         logit_fake = self.discriminator(x_hat.detach())
         loss_d = gan_loss(logit_real, True) + gan_loss(logit_fake, False)
         self.check_finite(**{"train/loss_d": loss_d})
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
-        opt_d.step()
+        self.optimizer_update(opt_d, loss_d)
         self.untoggle_optimizer(opt_d)
 
         # G step: lambda_re L_re + lambda_adv L_adv (+ lambda_sp L_sp for Sparse-GAN), eq. 3 / 7
@@ -155,9 +153,7 @@ class Pix2Pix(AnomalyModule):
         loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
         self.check_finite(**{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **logs})
         self.check_finite(**{"train/loss_g": loss_g})
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
+        self.optimizer_update(opt_g, loss_g)
         self.untoggle_optimizer(opt_g)
 
         self.log_dict(
