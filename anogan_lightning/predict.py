@@ -38,6 +38,7 @@ Writes into the run directory (``outputs/predict/<date>_<time>/``):
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import shutil
@@ -48,11 +49,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from anogan_lightning import predict_volume as pv
+from anogan_lightning import provenance
 from anogan_lightning.data.kermany import read_image
 from anogan_lightning.data.oct_volume import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
@@ -307,6 +310,21 @@ def _predict_volumes(model, files: list[Path], dm, cfg, device, rows: Rows, out:
     return n_ok, n_bad
 
 
+def write_provenance(path: Path, ckpt: str, training: dict) -> None:
+    """The model's training provenance (from its checkpoint) and this scoring run's own."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    info = {
+        "checkpoint": str(Path(ckpt).resolve()),
+        "training": training,
+        "predict": {
+            **provenance.code(),
+            **provenance.software_and_machine(),
+            **provenance.command(overrides),
+        },
+    }
+    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
 def predict(cfg: DictConfig) -> Path:
     """Score every input file; returns the path of predictions.csv."""
     device = torch.device(
@@ -322,6 +340,7 @@ def predict(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.heatmaps:
         (out / "heatmaps").mkdir(exist_ok=True)
+    write_provenance(out / "provenance.json", cfg.ckpt, model.provenance)
     with ExitStack() as stack:
         fh = stack.enter_context(open(out / "predictions.csv", "w", newline=""))
         bscans = None

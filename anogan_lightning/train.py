@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import artefacts, evaluation
+from anogan_lightning import artefacts, evaluation, provenance, runtime
 from anogan_lightning.methods.base import DivergenceError
 
 log = logging.getLogger("anogan_lightning")
@@ -114,6 +115,8 @@ def run(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     _multirun_wandb(cfg)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    t_start = time.perf_counter()
+    runtime.configure(cfg.get("threads"), cfg.trainer.get("deterministic"))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -137,6 +140,12 @@ def run(cfg: DictConfig) -> dict:
         _load_weights(model, cfg.ckpt_path)
     datamodule.setup("fit")
     results: dict = {"method": type(model).__name__, "output_dir": str(out_dir)}
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    results.update(provenance.flatten(provenance.code()))
+    results.update(provenance.flatten(provenance.software_and_machine(trainer)))
+    results.update(provenance.flatten(provenance.command(overrides)))
+    results.update(provenance.flatten(provenance.data(datamodule, model.data_config)))
+    model.provenance = provenance.of(results)  # into the checkpoint, for predict
     for split, counts in datamodule.split_summary().items():
         for cls, n in counts.items():
             results[f"data/{split}_{cls}"] = n
@@ -145,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
 
     # fit on normal images (resuming from ckpt_path if given); the val split (both classes) is
     # scored once, after training
+    t0 = time.perf_counter()
     if fit:
         try:
             trainer.fit(
@@ -159,9 +169,12 @@ def run(cfg: DictConfig) -> dict:
         if trainer.interrupted:
             raise SystemExit(f"training interrupted; checkpoints are in {ckpt_dir}")
 
+    results["time/fit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     datamodule.setup("validate")
     trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
     results.update(model.results.get("val", {}))
+    results["time/validate_s"] = time.perf_counter() - t0
     # the deployable model: trained weights + the validation threshold (for predict); every
     # rank calls save_checkpoint (it synchronises), rank 0 writes
     trainer.save_checkpoint(ckpt_dir / "model.ckpt")
@@ -169,9 +182,13 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         artefacts.write_results(out_dir / "results.json", results)
 
+    t0 = time.perf_counter()
     datamodule.setup("test")
     trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
     results.update(model.results.get("test", {}))
+    results["time/test_s"] = time.perf_counter() - t0
+    results["time/total_s"] = time.perf_counter() - t_start
+    results.update(provenance.flatten(provenance.data(datamodule, model.data_config)))
     if not trainer.is_global_zero:
         return results
     artefacts.write_results(out_dir / "results.json", results)

@@ -104,6 +104,22 @@ class AnomalyDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", False, self.eval_batch_size)
 
+    def split_files(self) -> dict[str, list[str]]:
+        """Per set-up split, the source files its samples come from (sample names where there
+        are no files, e.g. synthetic data), for the run's provenance."""
+        out = {}
+        for name in ("train", "val", "test"):
+            ds = getattr(self, f"{name}_set")
+            if ds is None:
+                continue
+            if hasattr(ds, "paths"):  # one file per sample (B-scan folders)
+                out[name] = [str(p) for p in ds.paths]
+            elif hasattr(ds, "image_ids"):  # patches of volumes: "<volume file>:b<B-scan>"
+                out[name] = sorted({i.rsplit(":b", 1)[0] for i in ds.image_ids})
+            elif hasattr(ds, "ids"):
+                out[name] = [str(i) for i in ds.ids]
+        return out
+
     def split_summary(self) -> dict[str, dict[str, int]]:
         """Counts per split and class, for the log and the results file."""
         out = {}

@@ -49,15 +49,21 @@ class AnomalyModule(pl.LightningModule):
         #: the data config the model was trained with (set by the entry point), so that
         #: ``anogan_lightning.predict`` preprocesses new scans the same way
         self.data_config: dict = {}
+        #: the training run's provenance (``anogan_lightning.provenance``; set by the entry
+        #: point), kept in the checkpoint so that predictions trace back to it
+        self.provenance: dict = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["anogan_lightning"] = {
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "data": self.data_config,
+            "provenance": self.provenance,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.data_config = checkpoint.get("anogan_lightning", {}).get("data", {})
+        stored = checkpoint.get("anogan_lightning", {})
+        self.data_config = stored.get("data", {})
+        self.provenance = stored.get("provenance", {})
 
     # -- training: per-epoch seeding, so a resumed run matches an uninterrupted one ------------
     def on_fit_start(self) -> None:
