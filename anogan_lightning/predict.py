@@ -57,6 +57,7 @@ from anogan_lightning.data.kermany import read_image
 from anogan_lightning.data.oct_volume import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
+from anogan_lightning.extras import MissingExtraError
 
 log = logging.getLogger("anogan_lightning.predict")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
@@ -348,7 +349,7 @@ def predict(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MissingExtraError) as e:
         sys.exit(f"error: {e}")
 
 
