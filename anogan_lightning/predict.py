@@ -1,9 +1,12 @@
 """Score new scans with a trained model:
-``python -m anogan_lightning.predict ckpt=<model.ckpt> input=<file | folder>``.
+``python -m anogan_lightning.predict ckpt=<model.ckpt | model.onnx | model.pt> input=<file | folder>``.
 
 The checkpoint (``checkpoints/model.ckpt`` of a training run) carries the method's class and
 hyperparameters, its weights, the decision threshold chosen on the validation split and the
 data settings it was trained with, so new scans are preprocessed exactly as its test data were.
+An exported scorer (``python -m anogan_lightning.export``: ``.onnx`` or TorchScript ``.pt``)
+is used the same way, with the threshold and data settings of its sidecar ``<file>.json``; its
+graph returns the score and the anomaly map only, so its CSV has no component columns.
 
 - A checkpoint trained on 2-D B-scans scores images (.jpeg .jpg .png .tif .tiff .bmp): grayscale,
   resized to the training height, centre square crop, optional flattening; a folder is streamed
@@ -60,6 +63,8 @@ from anogan_lightning.data.kermany import read_image
 from anogan_lightning.data.oct_volume import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
+from anogan_lightning.exported import EXPORT_SUFFIXES, load_exported
+from anogan_lightning.extras import MissingExtraError
 
 log = logging.getLogger("anogan_lightning.predict")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
@@ -145,8 +150,12 @@ def collate(items: list[dict]) -> dict:
 
 
 def load_model(ckpt: str | Path, device: torch.device):
-    """The method (class from the checkpoint), its weights and threshold, in eval mode."""
+    """The method (class from the checkpoint), its weights and threshold, in eval mode; for an
+    exported file (.onnx, .pt TorchScript) its :class:`~anogan_lightning.exported.ExportedScorer`
+    with the threshold and data settings of its sidecar."""
     ckpt = Path(ckpt)
+    if ckpt.suffix.lower() in EXPORT_SUFFIXES:
+        return load_exported(ckpt, device)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     meta = torch.load(ckpt, map_location="cpu", weights_only=False).get("anogan_lightning")
@@ -367,7 +376,7 @@ def predict(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         predict(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MissingExtraError) as e:
         sys.exit(f"error: {e}")
 
 

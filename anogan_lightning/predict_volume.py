@@ -51,6 +51,7 @@ from anogan_lightning.data.oct_volume import (
     build_patch_cache,
     cached_volume,
 )
+from anogan_lightning.extras import MissingExtraError
 
 RULE = "max patch score >= threshold"  # a B-scan / volume: any of its patches anomalous
 
@@ -99,6 +100,9 @@ class VolumeFiles(Dataset):
             dirs.append(pdir)
             if len(PatchDataset(pdir)) == 0:
                 raise ValueError("no grid patch touches the detected retina")
+        except MissingExtraError:  # the format's reader is not installed: stop, naming the extra
+            remove(dirs)
+            raise
         except Exception as e:  # any reader/segmentation error: a row in the CSV, never fatal
             remove(dirs)
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import artefacts, evaluation, provenance, runtime
+from anogan_lightning import artefacts, evaluation, extras, provenance, runtime
 from anogan_lightning.methods.base import DivergenceError
 
 log = logging.getLogger("anogan_lightning")
@@ -233,10 +233,14 @@ def main(cfg: DictConfig) -> float | None:
         (out_dir / "error.txt").write_text(
             "".join(traceback.format_exception(err)) + f"\n{type(err).__name__}: {err}\n"
         )
+        if isinstance(err, extras.MissingExtraError):  # one line naming the extra to install
+            raise SystemExit(f"error: {err}") from None
         raise
     (out_dir / "error.txt").unlink(missing_ok=True)
     return results.get("val/auroc")  # the value an Optuna sweeper optimises
 
 
 if __name__ == "__main__":
+    if (missing := extras.missing_for_overrides(sys.argv[1:])) is not None:
+        sys.exit(f"error: {missing}")  # e.g. +sweep=optuna without the sweeps extra
     main()

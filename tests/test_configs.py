@@ -9,6 +9,8 @@ import hydra
 import pytest
 from conftest import CONF, METHODS, compose_cfg
 
+from anogan_lightning import extras
+
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
@@ -48,6 +50,9 @@ def test_sweep_composes(sweep: str, tmp_path: Path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    if (missing := extras.missing_for_overrides([f"+sweep={sweep}"])) is not None:
+        pytest.skip(missing)  # a light install without the plugin's extra
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
@@ -61,6 +66,9 @@ def test_sweep_composes(sweep: str, tmp_path: Path):
 def test_slurm_launcher_composes(tmp_path: Path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    if (missing := extras.missing_for_overrides(["hydra/launcher=slurm"])) is not None:
+        pytest.skip(missing)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):

@@ -42,13 +42,14 @@ def volume_run(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
-def _predict(run_dir: Path, inp: Path | str, out: Path, *overrides: str) -> Path:
+def _predict(run_dir: Path, inp: Path | str, out: Path, *overrides: str, model=None) -> Path:
+    """predict with the run's model.ckpt, or ``model`` (e.g. an exported file)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose(
             "predict",
             overrides=[
-                f"ckpt={run_dir / 'checkpoints/model.ckpt'}",
+                f"ckpt={model or run_dir / 'checkpoints/model.ckpt'}",
                 f"input={inp}",
                 f"output_dir={out}",
                 *overrides,
@@ -164,6 +165,31 @@ def test_volume_scores_match_the_training_runs_test_patches(volume_run: Path, tm
     (vol,) = _rows(out / "predictions.csv")
     assert vol["anomalous"] == "1" and vol["anomalous_bscans"] == "8"
     assert float(vol["threshold"]) == pytest.approx(t)
+
+
+def test_exported_volume_model_scores_as_its_checkpoint(volume_run: Path, tmp_path: Path):
+    """An exported scorer of a data=oct_volume run: the same volume preprocessing (from the
+    sidecar), the same B-scan scores and decisions; no component columns."""
+    from anogan_lightning.export import export
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _write_volume(scans / "vol.npy", 1, diseased=True)
+    pt = export(volume_run / "checkpoints/model.ckpt", "torchscript", tmp_path / "model.pt")
+    spacing = f"spacing_x_um={SPACING_UM[2]}"
+    _predict(volume_run, scans, tmp_path / "ckpt", spacing, "heatmaps=false")
+    _predict(volume_run, scans, tmp_path / "pt", spacing, "heatmaps=false", model=pt)
+    (a,), (b,) = _rows(tmp_path / "pt/predictions.csv"), _rows(tmp_path / "ckpt/predictions.csv")
+    assert a["status"] == b["status"] == "ok" and a["kind"] == "volume"
+    assert set(b) - set(a) == {"l1", "latent"} and set(a) <= set(b)
+    for key in ("bscans", "anomalous_bscans", "patches", "anomalous_patches", "anomalous"):
+        assert a[key] == b[key], key
+    assert float(a["threshold"]) == pytest.approx(_threshold(volume_run))
+    rows_a, rows_b = _rows(tmp_path / "pt/bscans.csv"), _rows(tmp_path / "ckpt/bscans.csv")
+    assert len(rows_a) == len(rows_b) == N_BSCANS
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["bscan"] == rb["bscan"] and ra["anomalous"] == rb["anomalous"]
+        assert float(ra["score"]) == pytest.approx(float(rb["score"]), rel=1e-5, abs=1e-4)
 
 
 def test_volume_without_spacing_is_reported(volume_run: Path, tmp_path: Path):

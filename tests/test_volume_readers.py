@@ -7,10 +7,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-import tifffile
 from skimage.util import img_as_ubyte
 
 from anogan_lightning.data.readers import (
@@ -21,6 +19,11 @@ from anogan_lightning.data.readers import (
     stem,
     suffix,
 )
+
+# the readers' libraries are the `volumes` extra: without it this module skips
+nib = pytest.importorskip("nibabel", reason="the volumes extra is not installed")
+tifffile = pytest.importorskip("tifffile", reason="the volumes extra is not installed")
+pytest.importorskip("eyepy", reason="the volumes extra is not installed")
 
 SHAPE = (3, 16, 20)  # B-scans, rows, columns
 

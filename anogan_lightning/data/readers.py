@@ -22,7 +22,9 @@ plus the voxel spacing in µm along those axes where the file carries it (``None
 
 Masks (:func:`read_mask`) come in the same formats except ``.vol``/``.e2e``; any non-zero voxel
 is a lesion (multi-class fluid labels, e.g. IRF/SRF/PED = 1/2/3, count alike). A mask must have
-the volume's shape. Every error names the file.
+the volume's shape. Every error names the file. eyepy, nibabel and tifffile are the
+``volumes`` extra: a format whose reader is missing stops with
+:class:`~anogan_lightning.extras.MissingExtraError` naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from anogan_lightning.extras import MissingExtraError, require
 
 VOLUME_SUFFIXES = (".vol", ".e2e", ".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
 MASK_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz")
@@ -124,7 +128,7 @@ def _read_npz(path: Path, key: str) -> tuple[np.ndarray, Spacing]:
 
 
 def _read_tiff(path: Path) -> tuple[np.ndarray, Spacing]:
-    import tifffile
+    tifffile = require("tifffile", f"reading {suffix(path)}")
 
     with tifffile.TiffFile(path) as tf:
         a = tf.asarray()
@@ -143,7 +147,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Spacing]:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Spacing]:
-    import nibabel as nib
+    nib = require("nibabel", f"reading {suffix(path)}")
 
     img = nib.load(str(path))
     a = np.asarray(img.dataobj)
@@ -161,13 +165,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Spacing]:
 
 
 def _read_heyex(path: Path, kind: str) -> tuple[np.ndarray, Spacing]:
-    try:
-        from eyepy.io import import_heyex_e2e, import_heyex_vol
-    except ImportError as e:  # pragma: no cover - eyepy is a dependency
-        raise VolumeReadError(
-            f"{path}: reading {kind} files needs eyepy (pip install eyepy)"
-        ) from e
-    ev = import_heyex_vol(path) if kind == ".vol" else import_heyex_e2e(path)
+    eyepy_io = require("eyepy.io", f"reading {kind}")
+    ev = eyepy_io.import_heyex_vol(path) if kind == ".vol" else eyepy_io.import_heyex_e2e(path)
     data = np.asarray(ev.data)
     meta = ev.meta
     if str(meta.get("scale_unit", "")).lower() == "mm":
@@ -197,7 +196,7 @@ def read_volume(path: str | Path) -> Volume:
             a, spacing = _read_nifti(path)
         else:
             a, spacing = _read_heyex(path, kind)
-    except VolumeReadError:
+    except (VolumeReadError, MissingExtraError):
         raise
     except Exception as e:  # a decoder's own error, re-raised naming the file
         raise VolumeReadError(f"{path}: cannot read {kind} volume: {e}") from e
@@ -227,7 +226,7 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
             a, _ = _read_tiff(path)
         else:
             a, _ = _read_nifti(path)
-    except VolumeReadError:
+    except (VolumeReadError, MissingExtraError):
         raise
     except Exception as e:
         raise VolumeReadError(f"{path}: cannot read {kind} mask: {e}") from e
