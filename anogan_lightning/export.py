@@ -229,7 +229,8 @@ def export(
         "data": _json_safe(data),
         "hparams": _json_safe(dict(model.hparams)),
         "checkpoint": str(ckpt.resolve()),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
+        "provenance": _json_safe(getattr(model, "provenance", {})),  # the training run's
         **extra,
     }
     side = exported.sidecar_path(out)

@@ -95,6 +95,11 @@ class ExportedScorer:
     def data_config(self) -> dict:
         return self.meta["data"]
 
+    @property
+    def provenance(self) -> dict:
+        """The training run's provenance, as the checkpoint held it at export."""
+        return self.meta.get("provenance", {})
+
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, S, S) in [-1, 1] -> (score (B,), amap (B, 1, S, S)), on x's device."""
         if tuple(x.shape[1:]) != self.input_shape:

@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from anogan_lightning import exported
+from anogan_lightning import exported, provenance
 from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.export import NotExportableError, ParityError, export
 from anogan_lightning.predict import load_model, predict
@@ -49,6 +49,7 @@ def _train(method: str, out: Path, validate: bool = True) -> Path:
     cfg = compose_cfg(tiny_overrides(method, SIZE), out)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+    model.provenance = {**provenance.code(), **provenance.software_and_machine()}  # as train.py
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -202,6 +203,11 @@ def test_predict_with_an_exported_file_as_with_its_checkpoint(checkpoints, tmp_p
             assert a["threshold"] == b["threshold"] and a["threshold"]  # from the sidecar
             assert a["anomalous"] == b["anomalous"] in ("0", "1")
         assert len(list((tmp_path / fmt / "heatmaps").glob("*.png"))) == 6
+        # the training run's provenance travels through the sidecar into predict's record
+        info = json.loads((tmp_path / fmt / "provenance.json").read_text())
+        ref = json.loads((tmp_path / "ckpt" / "provenance.json").read_text())
+        assert info["training"] == ref["training"] and info["training"]["torch"]
+        assert info["predict"]["command"]
     # a threshold override applies to exported files too
     rows = _predict(tmp_path / "model.pt", scans, tmp_path / "low", "threshold=-1")
     assert all(r["anomalous"] == "1" for r in rows if r["status"] == "ok")
