@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -25,6 +26,26 @@ def residual_map(x: Tensor, x_hat: Tensor) -> Tensor:
 def l1_per_sample(a: Tensor, b: Tensor) -> Tensor:
     """sum |a - b| over all but the batch dimension: (B,)."""
     return (a - b).abs().flatten(1).sum(1)
+
+
+def mean_sq(a: Tensor, b: Tensor) -> Tensor:
+    """mean (a - b)^2 over all but the batch dimension: (B,)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def anomaly_activation_map(
+    h_in: Tensor, h_re: Tensor, size: tuple[int, int] | None = None
+) -> Tensor:
+    """AAM (Sparse-GAN eq. 8): w = |GAP(H_in) - GAP(H_re)|, map = sum_c w_c H_in[c].
+
+    h_in, h_re (B, C, h, w) -> (B, 1, h, w), or (B, 1, *size) upsampled bilinearly.
+    """
+    h_in, h_re = h_in.float(), h_re.float()
+    w = (h_in.mean((2, 3)) - h_re.mean((2, 3))).abs()  # (B, C) channel weights
+    amap = torch.einsum("bc,bchw->bhw", w, h_in).unsqueeze(1)
+    if size is not None:
+        amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
+    return amap
 
 
 @contextlib.contextmanager

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from anogan_lightning.methods.autoencoder import AutoEncoder
-from anogan_lightning.methods.pix2pix import Pix2Pix, anomaly_activation_map
+from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.methods.sparse_gan import SparseGAN
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator, n_stages
 from anogan_lightning.nets.srn import SparsityRegularizationNet, soft_threshold
+from anogan_lightning.scoring import anomaly_activation_map
 
 C, K, ACTIVE = 16, 32, 2  # feature channels, atoms, non-zeros per ground-truth code
 

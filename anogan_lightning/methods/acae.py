@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anogan_lightning.losses import bce_discriminator_loss, bce_generator_loss
+from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.acae import ConvAutoencoder
 from anogan_lightning.nets.dcgan import DCGANDiscriminator
@@ -60,10 +60,7 @@ class ACAE(AnomalyModule):
         self.discriminator = DCGANDiscriminator(channels, width, image_size, feature_layer)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_ae = torch.optim.Adam(self.autoencoder.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        return opt_d, opt_ae
+        return self.adam(self.discriminator.parameters()), self.adam(self.autoencoder.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
@@ -74,32 +71,18 @@ class ACAE(AnomalyModule):
         x_hat = self.autoencoder(x)  # before toggling: the AE step back-propagates through it
 
         # D step: real queries vs their reconstructions
-        self.toggle_optimizer(opt_d)
-        logit_real = self.discriminator(x)
-        logit_fake = self.discriminator(x_hat.detach())
-        loss_d = bce_discriminator_loss(logit_real, logit_fake)
-        self.check_finite(**{"train/loss_d": loss_d})
-        self.optimizer_update(opt_d, loss_d)
-        self.untoggle_optimizer(opt_d)
+        logs = self.bce_discriminator_update(self.discriminator, opt_d, x, x_hat)
 
         # autoencoder step: λ_rec·mean|x - x̂| + λ_adv·(-log D(x̂))
-        self.toggle_optimizer(opt_ae)
-        loss_rec = (x - x_hat).abs().mean()
-        loss_adv = bce_generator_loss(self.discriminator(x_hat))
-        loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
-        self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
-        self.optimizer_update(opt_ae, loss_ae)
-        self.untoggle_optimizer(opt_ae)
+        with self.toggled_optimizer(opt_ae):
+            loss_rec = (x - x_hat).abs().mean()
+            loss_adv = bce_generator_loss(self.discriminator(x_hat))
+            loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
+            self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
+            self.optimizer_update(opt_ae, loss_ae)
 
-        self.log_dict(
-            {
-                "train/loss_d": loss_d.detach(),
-                "train/loss_ae": loss_ae.detach(),
-                "train/loss_rec": loss_rec.detach(),
-                "train/loss_adv": loss_adv.detach(),
-            },
-            prog_bar=True,
-        )
+        logs |= {"train/loss_ae": loss_ae, "train/loss_rec": loss_rec, "train/loss_adv": loss_adv}
+        self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]

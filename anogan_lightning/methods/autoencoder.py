@@ -12,13 +12,11 @@ the residual |x - G(x)|. Adam, plain automatic optimisation.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from anogan_lightning.methods.base import AnomalyModule
-from anogan_lightning.methods.pix2pix import mean_sq
 from anogan_lightning.nets.pix2pix import EncoderDecoder
-from anogan_lightning.scoring import residual_map
+from anogan_lightning.scoring import mean_sq, residual_map
 
 
 class AutoEncoder(AnomalyModule):
@@ -41,8 +39,7 @@ class AutoEncoder(AnomalyModule):
         self.generator = EncoderDecoder(channels, width, image_size, latent_channels)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        return torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return self.adam(self.generator.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if batch is None:

@@ -174,10 +174,8 @@ class FAnoGAN(AnomalyModule):
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        opt_c = torch.optim.Adam(self.critic.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
         opt_e = torch.optim.RMSprop(self.encoder.parameters(), lr=hp.encoder_lr, alpha=0.9)
-        return opt_c, opt_g, opt_e
+        return self.adam(self.critic.parameters()), self.adam(self.generator.parameters()), opt_e
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
@@ -203,15 +201,13 @@ class FAnoGAN(AnomalyModule):
         hp = self.hparams
         opt_c, opt_g, _ = self.optimizers()
 
-        self.toggle_optimizer(opt_c)
-        with torch.no_grad():
-            x_fake = self.generator(self.sample_z(len(x)))
-        c_real, c_fake = self.critic(x), self.critic(x_fake)
-        gp = gradient_penalty(self.critic, x, x_fake)
-        loss_c = wasserstein_critic_loss(c_real, c_fake) + hp.lambda_gp * gp
-        self.check_finite(**{"train/loss_d": loss_c})
-        self.optimizer_update(opt_c, loss_c)
-        self.untoggle_optimizer(opt_c)
+        with self.toggled_optimizer(opt_c):
+            with torch.no_grad():
+                x_fake = self.generator(self.sample_z(len(x)))
+            c_real, c_fake = self.critic(x), self.critic(x_fake)
+            gp = gradient_penalty(self.critic, x, x_fake)
+            loss_c = wasserstein_critic_loss(c_real, c_fake) + hp.lambda_gp * gp
+            self.optimizer_update(opt_c, loss_c, "train/loss_d")
         logs = {
             "train/loss_d": loss_c.detach(),
             "train/wasserstein": (c_real.mean() - c_fake.mean()).detach(),
@@ -219,11 +215,10 @@ class FAnoGAN(AnomalyModule):
         }
 
         if (it + 1) % hp.n_critic == 0:
-            self.toggle_optimizer(opt_g)
-            loss_g = wasserstein_generator_loss(self.critic(self.generator(self.sample_z(len(x)))))
-            self.check_finite(**{"train/loss_g": loss_g})
-            self.optimizer_update(opt_g, loss_g)
-            self.untoggle_optimizer(opt_g)
+            with self.toggled_optimizer(opt_g):
+                x_fake = self.generator(self.sample_z(len(x)))
+                loss_g = wasserstein_generator_loss(self.critic(x_fake))
+                self.optimizer_update(opt_g, loss_g, "train/loss_g")
             logs["train/loss_g"] = loss_g.detach()
         self.log_dict(logs, prog_bar=True)
 
@@ -232,17 +227,15 @@ class FAnoGAN(AnomalyModule):
         _, _, opt_e = self.optimizers()
         self.generator.eval()
         self.critic.eval()
-        self.toggle_optimizer(opt_e)
-        x_hat = self.generator(self.encoder(x))
-        with torch.no_grad():
-            f_x = self.critic.features(x)
-        loss, residual, feature = izif_scores(
-            x, x_hat, f_x, self.critic.features(x_hat), self.hparams.kappa
-        )
-        loss_e = loss.mean()
-        self.check_finite(**{"train/loss_e": loss_e})
-        self.optimizer_update(opt_e, loss_e)
-        self.untoggle_optimizer(opt_e)
+        with self.toggled_optimizer(opt_e):
+            x_hat = self.generator(self.encoder(x))
+            with torch.no_grad():
+                f_x = self.critic.features(x)
+            loss, residual, feature = izif_scores(
+                x, x_hat, f_x, self.critic.features(x_hat), self.hparams.kappa
+            )
+            loss_e = loss.mean()
+            self.optimizer_update(opt_e, loss_e, "train/loss_e")
         self.log_dict(
             {
                 "train/loss_e": loss_e.detach(),
