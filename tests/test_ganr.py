@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.losses import reference_discrimination_loss
 from anogan_lightning.methods.anogan import AnoGAN
-from anogan_lightning.methods.ganr import GANR, load_gan_weights
+from anogan_lightning.methods.ganr import GANR
 from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
 from anogan_lightning.scoring import frozen, l1_per_sample, map_latent_reference
 from anogan_lightning.train import run
@@ -80,4 +80,6 @@ def test_ganr_scores_an_anogan_checkpoint_without_training(tmp_path: Path):
             assert torch.equal(state["state_dict"][k], v), k
 
     with pytest.raises(ValueError, match="width: checkpoint 8 vs config 4"):
-        load_gan_weights(GANR(latent_dim=16, width=4, image_size=16), str(ckpt))
+        GANR(latent_dim=16, width=4, image_size=16).load_gan(str(ckpt))
+    with pytest.raises(FileNotFoundError, match="method.from_checkpoint: checkpoint .* not exist"):
+        GANR(latent_dim=16, width=8, image_size=16).load_gan(str(tmp_path / "missing.ckpt"))

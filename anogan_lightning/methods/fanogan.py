@@ -51,6 +51,7 @@ from anogan_lightning.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.encoder import ResNetEncoder
 from anogan_lightning.nets.wgan import ResNetCritic, ResNetGenerator
@@ -120,24 +121,8 @@ class FAnoGAN(AnomalyModule):
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
     def load_gan(self, path: str) -> None:
-        """Copy ``generator.*`` and ``critic.*`` from a FAnoGAN Lightning checkpoint."""
-        # a Lightning checkpoint the user names (the trust of load_from_checkpoint): full unpickling
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        theirs = ckpt.get("hyper_parameters", {})
-        diff = [k for k in ARCH_KEYS if k in theirs and theirs[k] != self.hparams[k]]
-        if diff:
-            detail = ", ".join(
-                f"{k}: checkpoint {theirs[k]} vs config {self.hparams[k]}" for k in diff
-            )
-            raise ValueError(f"gan_checkpoint {path} has another architecture ({detail})")
-        for name in ("generator", "critic"):
-            prefix = f"{name}."
-            sd = {
-                k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
-            }
-            if not sd:
-                raise ValueError(f"gan_checkpoint {path} holds no {name} weights")
-            getattr(self, name).load_state_dict(sd)
+        """Copy ``generator.*`` and ``critic.*`` from a FAnoGAN checkpoint."""
+        load_networks(self, path, ("generator", "critic"), ARCH_KEYS, "method.gan_checkpoint")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -27,30 +27,13 @@ import logging
 import torch
 from torch import Tensor
 
+from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.anogan import AnoGAN
 from anogan_lightning.scoring import map_latent_reference, residual_map
 
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("latent_dim", "channels", "width", "image_size", "feature_layer")
-
-
-def load_gan_weights(model: AnoGAN, path: str) -> None:
-    """Copy ``generator.*`` and ``discriminator.*`` from an AnoGAN-family Lightning checkpoint."""
-    # a Lightning checkpoint the user names (the trust of load_from_checkpoint): full unpickling
-    ckpt = torch.load(path, map_location=model.device, weights_only=False)
-    theirs = ckpt.get("hyper_parameters", {})
-    diff = {k: (theirs[k], model.hparams[k]) for k in ARCH_KEYS if k in theirs}
-    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"from_checkpoint {path} has another architecture ({detail})")
-    for name in ("generator", "discriminator"):
-        prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f"from_checkpoint {path} holds no {name} weights")
-        getattr(model, name).load_state_dict(state)
 
 
 class GANR(AnoGAN):
@@ -90,11 +73,16 @@ class GANR(AnoGAN):
             progress,
         )
 
+    def load_gan(self, path: str) -> None:
+        """Copy ``generator.*`` and ``discriminator.*`` from an AnoGAN-family checkpoint."""
+        names = ("generator", "discriminator")
+        load_networks(self, path, names, ARCH_KEYS, "method.from_checkpoint")
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         path = self.hparams.from_checkpoint
         if path:
-            load_gan_weights(self, path)
+            self.load_gan(path)
             log.info("GANR: generator and discriminator loaded from %s; training skipped", path)
 
     def on_train_start(self) -> None:
