@@ -1,7 +1,7 @@
 """Pixel-level evaluation where lesion masks exist: stitching, pixel AUROC, best Dice, figures.
 
 Patch anomaly maps (B, 1, h, w) are placed back into their B-scans by the patch coordinates
-(B-scan index, y, x) that :class:`anogan_lightning.data.oct_volume.PatchDataset` gives every
+(B-scan index, y, x) that :class:`anogan_lightning.data.patch_dataset.PatchDataset` gives every
 patch; overlapping patches are averaged, pixels no patch covers are NaN and left out of every
 metric. Scores stay raw (no sigmoid, no min-max per test set).
 

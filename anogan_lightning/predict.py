@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from anogan_lightning import predict_volume as pv
 from anogan_lightning.data.kermany import read_image
-from anogan_lightning.data.oct_volume import PatchDataset
+from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
 
