@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 NORMAL = "NORMAL"
 _KERMANY_NAME = re.compile(r"^[A-Za-z]+-(\d+)-\d+$")  # CLASS-PATIENT-N
+FILL_WHITE = (
+    True  # the one default of fill_white: read_image, KermanyDataset, the DataModule, predict
+)
 
 
 def patient_id(path: str | Path) -> str | None:
@@ -170,7 +173,7 @@ def read_image(
     image_size: int,
     resize: str = "crop",
     flatten: bool = False,
-    fill_white: bool = False,
+    fill_white: bool = FILL_WHITE,
 ) -> np.ndarray:
     """uint8 grayscale: a strip (S, W >= S) for ``resize="crop"``, (S, S) for ``"squash"``.
 
@@ -222,7 +225,7 @@ class KermanyDataset(Dataset):
         resize: str = "crop",
         crop: str = "center",
         flatten: bool = False,
-        fill_white: bool = False,
+        fill_white: bool = FILL_WHITE,
     ) -> None:
         assert len(paths) == len(labels) == len(classes)
         self.paths = [Path(p) for p in paths]
@@ -300,7 +303,7 @@ class KermanyDataModule(AnomalyDataModule):
         train_crop: str = "random",
         preload: bool = True,
         flatten: bool = False,
-        fill_white: bool = True,
+        fill_white: bool = FILL_WHITE,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
