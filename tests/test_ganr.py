@@ -83,3 +83,17 @@ def test_ganr_scores_an_anogan_checkpoint_without_training(tmp_path: Path):
         GANR(latent_dim=16, width=4, image_size=16).load_gan(str(ckpt))
     with pytest.raises(FileNotFoundError, match="method.from_checkpoint: checkpoint .* not exist"):
         GANR(latent_dim=16, width=8, image_size=16).load_gan(str(tmp_path / "missing.ckpt"))
+
+
+def test_lambda_score_weights_the_ganr_score():
+    """λ = lambda_score is the weight of D̂ in Â = (1 - λ)·R + λ·D̂ (AnoGAN's lambda_fm name,
+    a feature-matching weight there, is not a GANR hyperparameter)."""
+    torch.manual_seed(0)
+    model = GANR(latent_dim=8, width=4, image_size=16, lambda_score=0.3, mapping_steps=2)
+    model.hparams.progress = False
+    assert "lambda_fm" not in model.hparams and "lambda_fm" not in model.hparams_initial
+    ds = make_split(3, 16, "test")
+    out = model.eval().score({"x": ds.images, "id": ds.ids})
+    torch.testing.assert_close(
+        out["score"], 0.7 * out["residual"] + 0.3 * out["discrimination_ref"]
+    )

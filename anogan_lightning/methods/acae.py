@@ -9,7 +9,8 @@ adversary, so every network has the depth of AnoGAN's. Training on normal images
 - D: -log D(x) - log(1 - D(x̂)), x̂ = Dec(Enc(x)) (reconstructions play the fakes);
 - autoencoder: L = λ_rec·(1/n)Σ|x - x̂| + λ_adv·(-log D(x̂)).
 
-Scoring: AnoGAN's A(x) = (1 - λ)·R(x) + λ·D(x) on the autoencoder's own reconstruction, with
+Scoring: AnoGAN's A(x) = (1 - λ)·R(x) + λ·D(x) (sec. 2.3, eq. 6; λ = ``lambda_score``, the
+weight of D in the score, not of a training loss) on the autoencoder's own reconstruction, with
 R = Σ|x - x̂| and D = Σ|f(x) - f(x̂)|, f = the discriminator's block ``feature_layer``; no
 latent search, one forward pass (``scoring.reconstruction_scores``). Components: ``residual``,
 ``discrimination`` and ``pd`` (the discriminator's verdict on the query, -logit). Anomaly map:
@@ -51,7 +52,7 @@ class ACAE(AnomalyModule):
         betas: tuple[float, float] = (0.5, 0.999),
         lambda_rec: float = 50.0,
         lambda_adv: float = 1.0,
-        lambda_fm: float = 0.1,
+        lambda_score: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -89,7 +90,7 @@ class ACAE(AnomalyModule):
         with torch.no_grad():
             x_hat = self.autoencoder(x).float()
             score, residual, discrimination = reconstruction_scores(
-                self.discriminator, x, x_hat, self.hparams.lambda_fm
+                self.discriminator, x, x_hat, self.hparams.lambda_score
             )
             pd = -self.discriminator(x).float()  # higher = judged less real
         return {

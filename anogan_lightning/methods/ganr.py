@@ -5,7 +5,9 @@ Training: AnoGAN's DCGAN, unchanged (this class subclasses :class:`AnoGAN`). Sco
 of Adam on z with G and D frozen, minimising L(z) = (1 - λ)·Σ|x - G(z)| + λ·L̂_D(z) with
 L̂_D(z) = σ(D(G(z)), 1), the sigmoid cross-entropy of the discriminator's verdict on G(z)
 against the label "real" (Yeh et al.'s perceptual loss, in place of AnoGAN's feature matching).
-Score Â(x) = (1 - λ)·R(x) + λ·D̂(x) at z_Γ. Components: ``residual`` (R),
+Score Â(x) = (1 - λ)·R(x) + λ·D̂(x) at z_Γ (AnoGAN's A(x), sec. 2.3, eq. 6, with D̂ for D);
+λ = ``lambda_score`` weights the discrimination term in both L(z) and Â(x). (AnoGAN calls its λ
+``lambda_fm``: there it weights feature matching; here there is none.) Components: ``residual`` (R),
 ``discrimination_ref`` (D̂) and ``pd`` (the discriminator's own verdict on the query, -logit).
 The anomaly map is |x - G(z_Γ)|.
 
@@ -17,7 +19,7 @@ feature_layer) must match the checkpoint's; a mismatch is an error naming them. 
 read only by ``fit``: ``GANR.load_from_checkpoint(<ganr model.ckpt>)`` does not need it.
 
 Choices the paper leaves open: the same as AnoGAN's (z-optimiser Adam lr 0.01, z in [-1, 1],
-seeded initial z per batch, whole batches mapped at once).
+seeded initial z per image, whole batches mapped at once).
 """
 
 from __future__ import annotations
@@ -50,14 +52,13 @@ class GANR(AnoGAN):
         feature_layer: int = -1,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
-        lambda_fm: float = 0.1,
+        lambda_score: float = 0.1,
         mapping_steps: int = 500,
         mapping_lr: float = 0.01,
         mapping_seed: int = 0,
         progress: bool = True,
         from_checkpoint: str | None = None,
     ) -> None:
-        # AnoGAN's save_hyperparameters() also records from_checkpoint (this frame's argument)
         super().__init__(
             latent_dim,
             channels,
@@ -66,12 +67,16 @@ class GANR(AnoGAN):
             feature_layer,
             lr,
             betas,
-            lambda_fm,
+            lambda_score,  # the λ of L(z), AnoGAN's lambda_fm argument
             mapping_steps,
             mapping_lr,
             mapping_seed,
             progress,
         )
+        # AnoGAN's save_hyperparameters() recorded both frames: drop λ under AnoGAN's name and
+        # record again (hparams_initial, what loggers show, then lacks it too)
+        self.hparams.pop("lambda_fm")
+        self.save_hyperparameters()
 
     def load_gan(self, path: str) -> None:
         """Copy ``generator.*`` and ``discriminator.*`` from an AnoGAN-family checkpoint."""
@@ -98,7 +103,7 @@ class GANR(AnoGAN):
             x,
             self.prior_draws(batch["id"])[0],  # seeded per image, as AnoGAN's
             steps=hp.mapping_steps,
-            lam=hp.lambda_fm,
+            lam=hp.lambda_score,
             lr=hp.mapping_lr,
             progress=hp.progress,
         )
