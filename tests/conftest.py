@@ -24,6 +24,17 @@ TINY_METHOD = {
     "gan_steps": 0,  # fanogan: the generic tests run stage 2 alone (test_fanogan.py: stage 1)
     "encoder_steps": 64,
 }
+# The logged training loss that a few steps on one fixed batch must lower (test_methods.py), per
+# method; "train/loss" for a method not listed.
+FIXED_BATCH_LOSS = {
+    "anogan": "train/loss_d",  # D learns to tell one fixed batch from fakes
+    "ganr": "train/loss_d",
+    "acae": "train/loss_rec",  # the autoencoder learns to reconstruct one batch
+    "fanogan": "train/loss_e",  # izi_f through the frozen G (stage 2 alone: gan_steps=0 above)
+    "pix2pix_image": "train/loss_re",  # G learns to reconstruct one fixed batch
+    "pix2pix_latent": "train/loss_re",
+    "sparse_gan": "train/loss_re",
+}
 TINY_DATA = [
     "data.n_train=64",
     "data.n_val=32",

@@ -13,8 +13,8 @@ names without it, e.g. ``normal_train_1234.jpg``, are a group each) and no patie
 train and val. With ``val_from="val"`` the ``<root>/val`` folder is used as it is instead.
 
 Resize policy. Kermany B-scans are 496 rows high but 384 to 1536 columns wide, and the width
-alone separates normal from diseased scans better than chance (AUROC ~0.6). Squashing every
-width to a square would let acquisition geometry masquerade as anatomy, so by default
+alone separates normal from diseased scans better than chance (experiments/README.md). Squashing
+every width to a square would let acquisition geometry masquerade as anatomy, so by default
 (``resize="crop"``) each image is resized to height ``image_size`` keeping its aspect ratio, then
 a square of width ``image_size`` is cropped from it: the centre for val/test, a random horizontal
 position for train (``train_crop="random"``; ``"center"`` for a fixed crop). Images narrower
@@ -24,14 +24,14 @@ width and is there only for comparison.
 
 Flattening (``flatten=True``): every B-scan is first flattened on its detected Bruch's
 membrane (:func:`anogan_lightning.data.preprocess.flatten_bscan`), as the AnoGAN paper does for
-its volumes, so curvature and tilt do not have to be modelled as normal variation. It costs
-about 0.07 s of CPU per image (done once when preloading).
+its volumes, so curvature and tilt do not have to be modelled as normal variation; with
+``preload=True`` it runs once per image.
 
-Registration fill (``fill_white=True``, default): 164 of kermany-mini's 500 test scans carry
-saturated white wedges where the scanner's registration rotated the frame, and every method's
-score correlates with the wedge area (Spearman 0.4-0.5) although it says nothing about the
-retina. The wedges are set to the scan's dark background before the resize, so acquisition
-geometry does not pass for anatomy (as with the width, above).
+Registration fill (``fill_white=True``, default): rotated scans carry saturated white wedges
+where the scanner's registration turned the frame, and left alone every method's score follows
+the wedge area (experiments/README.md), which says nothing about the retina. The wedges are
+set to the scan's dark background before the resize, so acquisition geometry does not pass for
+anatomy (as with the width, above).
 
 Loading. JPEGs are decoded at a reduced DCT scale (``PIL.Image.draft``) and converted to
 grayscale. With ``preload=True`` every image is read once in :meth:`setup` and kept as its

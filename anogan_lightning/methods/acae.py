@@ -39,7 +39,6 @@ class ACAE(AnomalyModule):
     """Adversarial convolutional autoencoder; scores A, R, D and PD on its reconstruction."""
 
     components = ("residual", "discrimination", "pd")
-    fixed_batch_loss = "train/loss_rec"  # the autoencoder learns to reconstruct one batch
 
     def __init__(
         self,

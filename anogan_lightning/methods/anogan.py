@@ -42,7 +42,6 @@ class AnoGAN(AnomalyModule):
 
     needs_grad_at_test = True
     components = ("residual", "discrimination", "pd")
-    fixed_batch_loss = "train/loss_d"  # D learns to tell one fixed batch from fakes
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ class AutoEncoder(AnomalyModule):
     """x -> G_de(G_en(x)); reconstruction-error score."""
 
     components = ("l1", "latent")
-    fixed_batch_loss = "train/loss"
 
     def __init__(
         self,

@@ -38,8 +38,6 @@ class AnomalyModule(pl.LightningModule):
     needs_grad_at_test: bool = False
     #: image-level score components beside ``score``, in display order
     components: tuple[str, ...] = ()
-    #: the logged training loss that a few steps on one fixed batch must lower (tests)
-    fixed_batch_loss: str = "train/loss"
 
     def __init__(self) -> None:
         super().__init__()

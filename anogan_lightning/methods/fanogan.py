@@ -66,9 +66,6 @@ class FAnoGAN(AnomalyModule):
     """WGAN-GP + izi_f encoder; scores A = A_R + κ·A_D, and A_R, A_D, the latent distance."""
 
     components = ("residual", "feature", "latent")
-    # izi_f: through the frozen G, the encoder learns to reconstruct one fixed batch (the generic
-    # test runs stage 2 alone, gan_steps=0; tests/test_fanogan.py covers stage 1)
-    fixed_batch_loss = "train/loss_e"
 
     def __init__(
         self,

@@ -45,7 +45,6 @@ class Pix2Pix(AnomalyModule):
     """Encoder-decoder GAN; ``score_space="image"`` is pix2pix #1, ``"latent"`` is #2."""
 
     components = ("image", "latent")
-    fixed_batch_loss = "train/loss_re"  # G learns to reconstruct one fixed batch
 
     def __init__(
         self,

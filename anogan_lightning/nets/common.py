@@ -31,7 +31,12 @@ def init_dcgan_weights(module: nn.Module) -> None:
 
 
 def channels_last(module: nn.Module) -> nn.Module:
-    """The module's 4-D parameters and buffers in channels-last layout (in place)."""
+    """The module's 4-D parameters and buffers in channels-last layout (in place).
+
+    The same numbers, but oneDNN's CPU convolutions skip their layout reorders around every
+    (transposed) convolution, and on GPUs it is the layout tensor-core convolutions want
+    (speed-ups in experiments/README.md).
+    """
     return module.to(memory_format=torch.channels_last)
 
 

@@ -4,8 +4,8 @@ AnoGAN's grayscale variant: 5x5 kernels, stride 2, channels 512-256-128-64 for a
 (``width=64``), z 100-dim. Depth follows the image size: log2(image_size / 4) strided layers, so
 ``image_size=64`` gives the paper's 4 fractionally-strided convolutions and 4 convolutions.
 
-Weights and activations are channels-last (NHWC): the same numbers, without oneDNN's layout
-reorders around every (transposed) convolution (see ``nets/pix2pix.py``).
+Weights and activations are channels-last (NHWC,
+:func:`anogan_lightning.nets.common.channels_last`).
 """
 
 from __future__ import annotations

@@ -13,10 +13,8 @@ non-negative, as the features of a class activation map (the AAM, eq. 8, is buil
 its per-channel scale is fixed, so no loss on H_in (the SRN's L_sp, the latent score) can be
 lowered by shrinking it (the decoder's first BatchNorm would undo any scale).
 
-Memory format: weights and activations are channels-last (NHWC). Same numbers, but oneDNN's
-convolutions skip their layout reorders: scoring at 224 x 224, batch 32, width 64 runs 1.35x
-faster on CPU and a training step 1.15x (benchmarks/sparse_gan.py); on GPUs it is the layout
-tensor-core convolutions want.
+Memory format: weights and activations are channels-last (NHWC,
+:func:`anogan_lightning.nets.common.channels_last`).
 """
 
 from __future__ import annotations
