@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -64,6 +66,35 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def read_scores(out_dir: Path) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
+    """scores.csv of a run: (ids, labels (N,), {"score" and every component: (N,) float64})."""
+    with open(out_dir / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [k for k in rows[0] if k not in ("id", "label")]
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    cols = {n: torch.tensor([float(r[n]) for r in rows], dtype=torch.float64) for n in names}
+    return [r["id"] for r in rows], labels, cols
+
+
+def check_results_against_scores(out_dir: Path, results: dict) -> None:
+    """The test metrics a run reports are those of the per-image scores it wrote (scores.csv):
+    the AUROC of the score and of every component, and accuracy and sensitivity at the
+    threshold chosen on validation."""
+    from anogan_lightning import evaluation
+
+    _, labels, cols = read_scores(out_dir)
+    for name, s in cols.items():
+        key = "test/auroc" if name == "score" else f"test/auroc_{name}"
+        assert results[key] == pytest.approx(evaluation.auroc(s, labels), abs=1e-6), key
+    pred = cols["score"] >= results["val/youden_threshold"]
+    sick = labels == 1
+    accuracy = float((pred == sick).double().mean())
+    assert results["test/accuracy_at_val_threshold"] == pytest.approx(accuracy)
+    assert results["test/sensitivity_at_val_threshold"] == pytest.approx(
+        float(pred[sick].double().mean())
+    )
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METHODS, REPO, compose_cfg, tiny_overrides
+from conftest import METHODS, REPO, check_results_against_scores, compose_cfg, tiny_overrides
 from omegaconf import OmegaConf
 
 from anogan_lightning.train import run
@@ -50,6 +50,7 @@ def test_command_line_writes_every_artefact(tmp_path: Path):
     results = json.loads((run_dir / "results.json").read_text())
     for key in RESULT_KEYS:
         assert isinstance(results[key], float) and math.isfinite(results[key]), key
+    check_results_against_scores(run_dir, results)
     for name in ("scores.csv", "roc.png", "score_hist.png", "samples.png", "config.yaml"):
         assert (run_dir / name).stat().st_size > 0, name
     assert (run_dir / "checkpoints/model.ckpt").is_file()
