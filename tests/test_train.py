@@ -158,17 +158,17 @@ def test_wandb_offline_run_folder(tmp_path: Path, monkeypatch):
 def test_bf16_mixed_precision_keeps_the_mapping_in_float32(tmp_path: Path, monkeypatch):
     """trainer.precision=bf16-mixed (CPU autocast here; the same path as on a GPU): training
     and the latent mapping run, z and the mapping losses stay float32."""
-    import anogan_lightning.methods.anogan as anogan_module
+    from anogan_lightning.methods.anogan import AnoGAN
 
     seen = {}
-    original = anogan_module.map_latent
+    original = AnoGAN.latent_mapping
 
     def spy(*args, **kwargs):
         m = original(*args, **kwargs)
         seen.update(z=m.z.dtype, score=m.score.dtype, autocast=torch.is_autocast_enabled("cpu"))
         return m
 
-    monkeypatch.setattr(anogan_module, "map_latent", spy)
+    monkeypatch.setattr(AnoGAN, "latent_mapping", staticmethod(spy))
     results = run(
         compose_cfg([*tiny_overrides("anogan"), "trainer.precision=bf16-mixed"], tmp_path)
     )

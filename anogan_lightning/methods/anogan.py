@@ -42,6 +42,9 @@ class AnoGAN(AnomalyModule):
 
     needs_grad_at_test = True
     components = ("residual", "discrimination", "pd")
+    #: the latent mapping ``score`` runs, and the component name of its discrimination term
+    latent_mapping = staticmethod(map_latent)
+    discrimination_name = "discrimination"
 
     def __init__(
         self,
@@ -119,16 +122,22 @@ class AnoGAN(AnomalyModule):
         best = torch.stack(losses).argmin(0)  # (B,)
         return cands[best, torch.arange(len(x), device=best.device)]
 
+    @property
+    def lam(self) -> float:
+        """λ of the mapping loss L(z) and the score A(x) (eq. 5-6): ``lambda_fm``, the weight of
+        the feature-matching term."""
+        return self.hparams.lambda_fm
+
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         hp = self.hparams
-        m = map_latent(
+        m = self.latent_mapping(
             self.generator,
             self.discriminator,
             x,
             self.start_z(x.float(), batch["id"]),
             steps=hp.mapping_steps,
-            lam=hp.lambda_fm,
+            lam=self.lam,
             lr=hp.mapping_lr,
             progress=hp.progress,
         )
@@ -137,7 +146,7 @@ class AnoGAN(AnomalyModule):
         return {
             "score": m.score,
             "residual": m.residual,
-            "discrimination": m.discrimination,
+            self.discrimination_name: m.discrimination,
             "pd": pd,
             "x_hat": m.x_hat,
             "amap": residual_map(x.float(), m.x_hat),

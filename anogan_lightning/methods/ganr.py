@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-from torch import Tensor
-
 from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.anogan import AnoGAN
-from anogan_lightning.scoring import map_latent_reference, residual_map
+from anogan_lightning.scoring import map_latent_reference
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +39,8 @@ class GANR(AnoGAN):
     """AnoGAN's DCGAN + latent mapping with the reference discrimination loss; Â, R, D̂, PD."""
 
     components = ("residual", "discrimination_ref", "pd")
+    latent_mapping = staticmethod(map_latent_reference)  # L̂_D in place of feature matching
+    discrimination_name = "discrimination_ref"
 
     def __init__(
         self,
@@ -94,27 +93,7 @@ class GANR(AnoGAN):
         if self.hparams.from_checkpoint:
             self.trainer.should_stop = True  # the fit loop ends before its first batch
 
-    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
-        x = batch["x"]
-        hp = self.hparams
-        m = map_latent_reference(
-            self.generator,
-            self.discriminator,
-            x,
-            self.prior_draws(batch["id"])[0],  # seeded per image, as AnoGAN's
-            steps=hp.mapping_steps,
-            lam=hp.lambda_score,
-            lr=hp.mapping_lr,
-            progress=hp.progress,
-        )
-        with torch.no_grad():
-            pd = -self.discriminator(x).float()  # higher = judged less real
-        return {
-            "score": m.score,
-            "residual": m.residual,
-            "discrimination_ref": m.discrimination,
-            "pd": pd,
-            "x_hat": m.x_hat,
-            "amap": residual_map(x.float(), m.x_hat),
-            "z": m.z,
-        }
+    @property
+    def lam(self) -> float:
+        """λ of L(z) and Â(x): ``lambda_score``, the weight of L̂_D."""
+        return self.hparams.lambda_score
