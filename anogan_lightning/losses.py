@@ -1,6 +1,6 @@
 """Training and discrimination losses shared by the GAN methods (plain functions on tensors).
 
-Logits are raw network outputs (B,); ``critic`` values are unbounded Wasserstein critic outputs.
+Logits are raw network outputs, (B,) or a PatchGAN's (B, P); ``critic`` values are unbounded Wasserstein critic outputs.
 """
 
 from __future__ import annotations
@@ -10,15 +10,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def bce_discriminator_loss(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
-    """-log D(x) - log(1 - D(x_fake)), batch means (Goodfellow et al. 2014, eq. 1)."""
-    return F.binary_cross_entropy_with_logits(
-        logit_real, torch.ones_like(logit_real)
-    ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
+def bce_discriminator_loss(
+    logit_real: Tensor, logit_fake: Tensor, real_label: float = 1.0
+) -> Tensor:
+    """-log D(x) - log(1 - D(x_fake)), batch means (Goodfellow et al. 2014, eq. 1).
+
+    Logits of any shape: (B,) from a DCGAN discriminator, (B, P) from a PatchGAN (a mean over
+    patches). ``real_label`` < 1 is one-sided label smoothing of the real targets (Salimans et
+    al. 2016). Computed in float32 (also under mixed precision).
+    """
+    logit_real, logit_fake = logit_real.float(), logit_fake.float()
+    real = F.binary_cross_entropy_with_logits(logit_real, torch.full_like(logit_real, real_label))
+    return real + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
 
 
 def bce_generator_loss(logit_fake: Tensor) -> Tensor:
-    """Non-saturating generator loss -log D(x_fake), batch mean."""
+    """Non-saturating generator loss -log D(x_fake), batch mean, float32."""
+    logit_fake = logit_fake.float()
     return F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
 
 

@@ -1,7 +1,7 @@
 """Pixel-level evaluation where lesion masks exist: stitching, pixel AUROC, best Dice, figures.
 
 Patch anomaly maps (B, 1, h, w) are placed back into their B-scans by the patch coordinates
-(B-scan index, y, x) that :class:`anogan_lightning.data.oct_volume.PatchDataset` gives every
+(B-scan index, y, x) that :class:`anogan_lightning.data.patch_dataset.PatchDataset` gives every
 patch; overlapping patches are averaged, pixels no patch covers are NaN and left out of every
 metric. Scores stay raw (no sigmoid, no min-max per test set).
 
@@ -15,6 +15,12 @@ Metrics pool all covered pixels of the split:
   :func:`histogram_auroc` returns that bound.
 - best Dice: max over thresholds t of 2·TP / (2·TP + FP + FN) with lesion = score >= t, the
   dataset-level Dice of Baur et al. (2021); exact over every distinct score or over bin edges.
+
+Own code, not torchmetrics (tests/test_pixel_eval.py checks both give the same numbers where
+torchmetrics applies): torchmetrics (1.x) passes scores outside [0, 1] through a sigmoid, so raw
+anomaly scores saturate into ties (AUROC 0.5 on scores near 100), and with thresholds its
+curves loop over them once the input exceeds 50k values, O(pixels × bins) against the
+histograms' O(pixels); it also returns float32.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ class Stitcher:
 
     ``shapes``: (n_images, 2) rows and columns per B-scan (B-scans of one split may differ in
     width; the accumulators are padded to the widest, padding stays uncovered).
+
+    Not ``torch.nn.functional.fold`` (equal on a stride lattice, tests/test_pixel_eval.py):
+    fold places blocks on a lattice of ``stride`` only, and the test grid's last row and column
+    of patches sit flush with the band's edge, off it (``preprocess.grid_patch_positions``);
+    fold with stride 1 would need (H - S + 1)(W - S + 1) blocks of S² values per B-scan. The
+    patches of one B-scan also arrive over several batches, which this accumulates as they come.
     """
 
     def __init__(self, shapes: np.ndarray) -> None:

@@ -59,8 +59,8 @@ from tqdm.auto import tqdm
 
 from anogan_lightning import predict_volume as pv
 from anogan_lightning import provenance
-from anogan_lightning.data.kermany import read_image
-from anogan_lightning.data.oct_volume import PatchDataset
+from anogan_lightning.data.kermany import FILL_WHITE, read_image
+from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
 from anogan_lightning.exported import EXPORT_SUFFIXES, load_exported
@@ -238,7 +238,7 @@ def _predict_images(model, files: list[Path], data: dict, cfg, device, rows: Row
         image_size,
         data.get("resize", "crop"),
         bool(data.get("flatten", False)),
-        bool(data.get("fill_white", False)),
+        bool(data.get("fill_white", FILL_WHITE)),
     )
     loader = DataLoader(
         ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate

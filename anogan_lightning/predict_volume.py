@@ -3,10 +3,10 @@
 Preprocessing is the training run's test path itself, not a copy of it. The checkpoint stores
 the data config; :func:`volume_datamodule` builds the :class:`OCTVolumeDataModule` from it (no
 data is read) for its ``PrepSettings``, ``image_size`` and ``grid_stride``. Each volume goes
-through :func:`~anogan_lightning.data.oct_volume.cached_volume` (read, normalise, resample x,
-ILM/BM, flatten, crop) and :func:`~anogan_lightning.data.oct_volume.build_patch_cache` (grid
+through :func:`~anogan_lightning.data.volume_cache.cached_volume` (read, normalise, resample x,
+ILM/BM, flatten, crop) and :func:`~anogan_lightning.data.patch_cache.build_patch_cache` (grid
 patches) into a scratch folder, is read back as a
-:class:`~anogan_lightning.data.oct_volume.PatchDataset` (patch ids, coordinates and B-scan
+:class:`~anogan_lightning.data.patch_dataset.PatchDataset` (patch ids, coordinates and B-scan
 shapes as in a test split), scored in batches, and its scratch folders are deleted: one volume
 at a time in memory and on disk (plus ``num_workers`` volumes prepared ahead, on disk).
 
@@ -44,13 +44,11 @@ import torch
 from torch.utils.data import Dataset
 
 from anogan_lightning import pixel_eval
-from anogan_lightning.data.oct_volume import (
-    OCTVolumeDataModule,
-    PatchDataset,
-    VolumeSource,
-    build_patch_cache,
-    cached_volume,
-)
+from anogan_lightning.data.oct_volume import OCTVolumeDataModule
+from anogan_lightning.data.patch_cache import build_patch_cache
+from anogan_lightning.data.patch_dataset import PatchDataset
+from anogan_lightning.data.volume_cache import cached_volume
+from anogan_lightning.data.volume_sources import VolumeSource
 from anogan_lightning.extras import MissingExtraError
 
 RULE = "max patch score >= threshold"  # a B-scan / volume: any of its patches anomalous

@@ -1,4 +1,5 @@
-"""Stateless scoring: AnoGAN's latent mapping and the score components it yields.
+"""Stateless scoring: latent mappings (AnoGAN, GAN_R), reconstruction and feature scores
+(aCAE, f-AnoGAN, the auto-encoder and pix2pix), anomaly maps (residual, Sparse-GAN's AAM).
 
 Shapes: x (B, C, H, W) in [-1, 1]; z (B, latent_dim); score (B,); amap (B, 1, H, W).
 Scores are raw (no min-max normalisation): AUROC only needs their order.
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -25,6 +27,26 @@ def residual_map(x: Tensor, x_hat: Tensor) -> Tensor:
 def l1_per_sample(a: Tensor, b: Tensor) -> Tensor:
     """sum |a - b| over all but the batch dimension: (B,)."""
     return (a - b).abs().flatten(1).sum(1)
+
+
+def mean_sq(a: Tensor, b: Tensor) -> Tensor:
+    """mean (a - b)^2 over all but the batch dimension: (B,)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def anomaly_activation_map(
+    h_in: Tensor, h_re: Tensor, size: tuple[int, int] | None = None
+) -> Tensor:
+    """AAM (Sparse-GAN eq. 8): w = |GAP(H_in) - GAP(H_re)|, map = sum_c w_c H_in[c].
+
+    h_in, h_re (B, C, h, w) -> (B, 1, h, w), or (B, 1, *size) upsampled bilinearly.
+    """
+    h_in, h_re = h_in.float(), h_re.float()
+    w = (h_in.mean((2, 3)) - h_re.mean((2, 3))).abs()  # (B, C) channel weights
+    amap = torch.einsum("bc,bchw->bhw", w, h_in).unsqueeze(1)
+    if size is not None:
+        amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
+    return amap
 
 
 @contextlib.contextmanager
@@ -56,17 +78,9 @@ class Mapping:
 
 
 def map_latent(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    x: Tensor,
-    z_init: Tensor,
-    steps: int = 500,
-    lam: float = 0.1,
-    lr: float = 0.01,
-    clamp: bool = True,
-    progress: bool = False,
+    generator: nn.Module, discriminator: nn.Module, x: Tensor, z_init: Tensor, **options
 ) -> Mapping:
-    """AnoGAN latent mapping (Schlegl et al. 2017, sec. 2.2), a whole batch at once.
+    """AnoGAN latent mapping (Schlegl et al. 2017, sec. 2.2, eq. 5), a whole batch at once.
 
     Minimises L(z) = (1 - λ) L_R(z) + λ L_D(z) over z only, with L_R = Σ|x - G(z)| and
     L_D = Σ|f(x) - f(G(z))|, f = ``discriminator.forward_with_features(.)[1]``. The per-sample
@@ -74,7 +88,8 @@ def map_latent(
     it would get alone; Adam is element-wise, so the batch maps as each image would one by one.
     z is kept in U(-1, 1)^d, the prior's support, by clamping after each step (``clamp``).
     z, the losses and the optimizer state stay float32 under mixed precision.
-    Needs autograd: call outside ``torch.inference_mode``.
+    Needs autograd: call outside ``torch.inference_mode``. ``options``: ``steps``, ``lam``,
+    ``lr``, ``clamp``, ``progress`` of :func:`map_latent_with`.
     """
     with frozen(discriminator), torch.no_grad():
         f_x = discriminator.forward_with_features(x.float())[1].float()  # f(x), fixed
@@ -83,20 +98,8 @@ def map_latent(
         return l1_per_sample(f_x, discriminator.forward_with_features(x_hat)[1].float())
 
     return map_latent_with(
-        generator,
-        x,
-        z_init,
-        feature_matching,
-        steps=steps,
-        lam=lam,
-        lr=lr,
-        clamp=clamp,
-        progress=progress,
-        frozen_modules=(discriminator,),
+        generator, x, z_init, feature_matching, frozen_modules=(discriminator,), **options
     )
-
-
-# -- GANR, aCAE and f-AnoGAN scores (issue 4) ---------------------------------------------------
 
 
 def map_latent_with(
@@ -158,33 +161,20 @@ def map_latent_with(
 
 
 def map_latent_reference(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    x: Tensor,
-    z_init: Tensor,
-    steps: int = 500,
-    lam: float = 0.1,
-    lr: float = 0.01,
-    clamp: bool = True,
-    progress: bool = False,
+    generator: nn.Module, discriminator: nn.Module, x: Tensor, z_init: Tensor, **options
 ) -> Mapping:
     """GANR's mapping (AnoGAN sec. 2.2-2.3 with Yeh et al.'s reference discrimination loss):
     L(z) = (1 - λ)·Σ|x - G(z)| + λ·L̂_D(z), L̂_D = sigmoid cross-entropy of D(G(z)) against 1.
 
     ``Mapping.discrimination`` is D̂(x) = L̂_D(z_Γ) and ``Mapping.score`` is
-    Â(x) = (1 - λ)·R(x) + λ·D̂(x).
+    Â(x) = (1 - λ)·R(x) + λ·D̂(x). ``options`` as for :func:`map_latent`.
     """
+
+    def reference(x_hat: Tensor) -> Tensor:  # L̂_D(z), (B,)
+        return reference_discrimination_loss(discriminator(x_hat))
+
     return map_latent_with(
-        generator,
-        x,
-        z_init,
-        lambda x_hat: reference_discrimination_loss(discriminator(x_hat)),
-        steps=steps,
-        lam=lam,
-        lr=lr,
-        clamp=clamp,
-        progress=progress,
-        frozen_modules=(discriminator,),
+        generator, x, z_init, reference, frozen_modules=(discriminator,), **options
     )
 
 

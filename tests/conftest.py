@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,6 +25,17 @@ TINY_METHOD = {
     "progress": False,
     "gan_steps": 0,  # fanogan: the generic tests run stage 2 alone (test_fanogan.py: stage 1)
     "encoder_steps": 64,
+}
+# The logged training loss that a few steps on one fixed batch must lower (test_methods.py), per
+# method; "train/loss" for a method not listed.
+FIXED_BATCH_LOSS = {
+    "anogan": "train/loss_d",  # D learns to tell one fixed batch from fakes
+    "ganr": "train/loss_d",
+    "acae": "train/loss_rec",  # the autoencoder learns to reconstruct one batch
+    "fanogan": "train/loss_e",  # izi_f through the frozen G (stage 2 alone: gan_steps=0 above)
+    "pix2pix_image": "train/loss_re",  # G learns to reconstruct one fixed batch
+    "pix2pix_latent": "train/loss_re",
+    "sparse_gan": "train/loss_re",
 }
 TINY_DATA = [
     "data.n_train=64",
@@ -53,6 +66,35 @@ def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def read_scores(out_dir: Path) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
+    """scores.csv of a run: (ids, labels (N,), {"score" and every component: (N,) float64})."""
+    with open(out_dir / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [k for k in rows[0] if k not in ("id", "label")]
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    cols = {n: torch.tensor([float(r[n]) for r in rows], dtype=torch.float64) for n in names}
+    return [r["id"] for r in rows], labels, cols
+
+
+def check_results_against_scores(out_dir: Path, results: dict) -> None:
+    """The test metrics a run reports are those of the per-image scores it wrote (scores.csv):
+    the AUROC of the score and of every component, and accuracy and sensitivity at the
+    threshold chosen on validation."""
+    from anogan_lightning import evaluation
+
+    _, labels, cols = read_scores(out_dir)
+    for name, s in cols.items():
+        key = "test/auroc" if name == "score" else f"test/auroc_{name}"
+        assert results[key] == pytest.approx(evaluation.auroc(s, labels), abs=1e-6), key
+    pred = cols["score"] >= results["val/youden_threshold"]
+    sick = labels == 1
+    accuracy = float((pred == sick).double().mean())
+    assert results["test/accuracy_at_val_threshold"] == pytest.approx(accuracy)
+    assert results["test/sensitivity_at_val_threshold"] == pytest.approx(
+        float(pred[sick].double().mean())
+    )
 
 
 @pytest.fixture

@@ -464,6 +464,16 @@ def test_registration_fill_becomes_background(tmp_path: Path):
     assert plain[:5, :5].min() > 240  # the wedge survives a plain resize
     assert filled.max() < 130 and filled[:5, :5].max() < 60
     np.testing.assert_array_equal(filled[-20:], plain[-20:])  # the rest is untouched
+    np.testing.assert_array_equal(read_image(path, 64), filled)  # filling is the default
+
+
+def test_fill_white_has_one_default():
+    """read_image, the dataset, the DataModule and conf/data/kermany.yaml share one default."""
+    from anogan_lightning.data import kermany
+
+    for fn in (kermany.read_image, kermany.KermanyDataset, kermany.KermanyDataModule):
+        assert inspect.signature(fn).parameters["fill_white"].default is kermany.FILL_WHITE, fn
+    assert OmegaConf.load(REPO / "conf/data/kermany.yaml").fill_white is kermany.FILL_WHITE
 
 
 @needs_mini

@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from anogan_lightning.data import oct_volume
 from anogan_lightning.data import preprocess as pp
-from anogan_lightning.data.oct_volume import OCTVolumeDataModule, PatchDataset
+from anogan_lightning.data import volume_cache
+from anogan_lightning.data.oct_volume import OCTVolumeDataModule
+from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import read_volume
 from anogan_lightning.data.synthetic_volume import make_volume, render_volume
 
@@ -135,7 +136,7 @@ def test_cache_hit_skips_segmentation_and_changed_setting_rebuilds(tmp_path, mon
         ready_before_read.append(len(list((tmp_path / "cache" / "volumes").glob("[0-9a-f]*"))))
         return read_volume(path)
 
-    monkeypatch.setattr(oct_volume, "read_volume", read_and_count)
+    monkeypatch.setattr(volume_cache, "read_volume", read_and_count)
     first = _dm(root, tmp_path / "cache")
     first.setup()
     assert ready_before_read == [0, 1, 2, 3]  # one volume at a time, each written before the next

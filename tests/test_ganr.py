@@ -10,13 +10,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg, tiny_overrides
+from conftest import check_results_against_scores, compose_cfg, tiny_overrides
 from torch.utils.data import DataLoader
 
 from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.losses import reference_discrimination_loss
 from anogan_lightning.methods.anogan import AnoGAN
-from anogan_lightning.methods.ganr import GANR, load_gan_weights
+from anogan_lightning.methods.ganr import GANR
 from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
 from anogan_lightning.scoring import frozen, l1_per_sample, map_latent_reference
 from anogan_lightning.train import run
@@ -66,13 +66,8 @@ def test_ganr_scores_an_anogan_checkpoint_without_training(tmp_path: Path):
     out = tmp_path / "ganr"
     cfg = compose_cfg(tiny_overrides("ganr") + [f"method.from_checkpoint={ckpt}"], out)
     results = run(cfg)
-    for key in (
-        "test/auroc",
-        "test/auroc_residual",
-        "test/auroc_discrimination_ref",
-        "test/auroc_pd",
-    ):
-        assert math.isfinite(results[key]), key
+    check_results_against_scores(out, results)
+    assert {"test/auroc_residual", "test/auroc_discrimination_ref", "test/auroc_pd"} <= set(results)
     state = torch.load(out / "checkpoints/model.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 0  # the fit skipped training
     for k, v in anogan.state_dict().items():
@@ -80,4 +75,20 @@ def test_ganr_scores_an_anogan_checkpoint_without_training(tmp_path: Path):
             assert torch.equal(state["state_dict"][k], v), k
 
     with pytest.raises(ValueError, match="width: checkpoint 8 vs config 4"):
-        load_gan_weights(GANR(latent_dim=16, width=4, image_size=16), str(ckpt))
+        GANR(latent_dim=16, width=4, image_size=16).load_gan(str(ckpt))
+    with pytest.raises(FileNotFoundError, match="method.from_checkpoint: checkpoint .* not exist"):
+        GANR(latent_dim=16, width=8, image_size=16).load_gan(str(tmp_path / "missing.ckpt"))
+
+
+def test_lambda_score_weights_the_ganr_score():
+    """λ = lambda_score is the weight of D̂ in Â = (1 - λ)·R + λ·D̂ (AnoGAN's lambda_fm name,
+    a feature-matching weight there, is not a GANR hyperparameter)."""
+    torch.manual_seed(0)
+    model = GANR(latent_dim=8, width=4, image_size=16, lambda_score=0.3, mapping_steps=2)
+    model.hparams.progress = False
+    assert "lambda_fm" not in model.hparams and "lambda_fm" not in model.hparams_initial
+    ds = make_split(3, 16, "test")
+    out = model.eval().score({"x": ds.images, "id": ds.ids})
+    torch.testing.assert_close(
+        out["score"], 0.7 * out["residual"] + 0.3 * out["discrimination_ref"]
+    )

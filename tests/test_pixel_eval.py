@@ -111,3 +111,61 @@ def test_overlay_pngs(tmp_path):
     paths = pe.write_overlays(tmp_path / "maps", maps, masks, image_of, ids, n=2)
     assert [p.name for p in paths] == ["bscan_00_b_b1.png", "bscan_01_a_b0.png"]  # lesion first
     assert drawn == [1, 0] and all(p.is_file() for p in paths)
+
+
+def test_binned_and_exact_metrics_match_torchmetrics_on_unit_range_scores():
+    """The hand-written metrics give torchmetrics' results where torchmetrics applies: scores
+    inside [0, 1] (it passes others through a sigmoid), thresholds at our bin edges. Why
+    pixel_eval keeps its own code is in its module docstring; the raw-score case is below."""
+    tm = pytest.importorskip("torchmetrics.functional.classification")
+    rng = np.random.default_rng(0)
+    t = rng.random(20_000) < 0.1
+    s = rng.normal(size=t.size) + 1.5 * t
+    s = 0.1 + 0.8 * (s - s.min()) / (s.max() - s.min())  # inside [0, 1]
+    scores, target = torch.tensor(s), torch.tensor(t.astype(np.int64))
+    lo, hi, n = float(s.min()), float(s.max()), 256
+    edges = torch.tensor(lo + np.arange(n) * (hi - lo) / n)  # the lower edges of our bins
+
+    binned, _ = pe.histogram_auroc(*pe.histograms(s, t, lo, hi, n))
+    assert binned == pytest.approx(
+        float(tm.binary_auroc(scores, target, thresholds=edges)), abs=1e-6
+    )
+    assert pe.exact_auroc(s, t) == pytest.approx(float(tm.binary_auroc(scores, target)), abs=1e-6)
+
+    def tm_best_dice(thresholds):
+        p, r, thr = tm.binary_precision_recall_curve(scores, target, thresholds=thresholds)
+        dice = (2 * p * r / (p + r)).nan_to_num(0.0)[:-1]  # the last point is (P=1, R=0)
+        k = int(dice.argmax())
+        return float(dice[k]), float(thr[k])
+
+    for ours, theirs in ((pe.best_dice(s, t, exact_limit=0, n_bins=n), tm_best_dice(edges)),
+                         (pe.best_dice(s, t), tm_best_dice(None))):  # fmt: skip
+        assert ours[0] == pytest.approx(theirs[0], abs=1e-6)
+        assert ours[1] == pytest.approx(theirs[1], abs=1e-9)
+
+    raw = 100.0 + 10.0 * s  # raw anomaly scores, as a method gives them
+    assert pe.pixel_auroc(raw, t) == pytest.approx(pe.exact_auroc(s, t))
+    assert float(tm.binary_auroc(torch.tensor(raw), target)) == 0.5  # sigmoid: all ties
+
+
+def test_stitcher_matches_fold_on_a_stride_lattice():
+    """On patches whose corners lie on a stride lattice, the Stitcher's mean equals
+    torch.nn.functional.fold's sum of blocks over its count of blocks."""
+    rng = np.random.default_rng(1)
+    h, w, size, stride = 10, 12, 4, 2
+    ys, xs = np.arange(0, h - size + 1, stride), np.arange(0, w - size + 1, stride)
+    corners = np.array([(y, x) for y in ys for x in xs])
+    present = rng.random(len(corners)) < 0.7  # the grid keeps only patches touching the retina
+    amaps = rng.random((len(corners), size, size)).astype(np.float32)
+
+    s = pe.Stitcher(np.array([[h, w]]))
+    keep = np.flatnonzero(present)
+    s.add(amaps[keep], np.c_[np.zeros(len(keep), np.int64), corners[keep]])
+
+    blocks = torch.from_numpy(amaps * present[:, None, None]).reshape(1, len(corners), -1)
+    ones = torch.from_numpy(np.ones_like(amaps) * present[:, None, None]).reshape(blocks.shape)
+    fold = dict(output_size=(h, w), kernel_size=size, stride=stride)
+    total = torch.nn.functional.fold(blocks.transpose(1, 2), **fold)[0, 0]
+    count = torch.nn.functional.fold(ones.transpose(1, 2), **fold)[0, 0]
+    expected = torch.where(count > 0, total / count, torch.nan).numpy()
+    np.testing.assert_allclose(s.maps()[0], expected, rtol=1e-6, equal_nan=True)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.methods.autoencoder import AutoEncoder
-from anogan_lightning.methods.pix2pix import Pix2Pix, anomaly_activation_map
+from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.methods.sparse_gan import SparseGAN
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator, n_stages
 from anogan_lightning.nets.srn import SparsityRegularizationNet, soft_threshold
+from anogan_lightning.scoring import anomaly_activation_map
 
 C, K, ACTIVE = 16, 32, 2  # feature channels, atoms, non-zeros per ground-truth code
 
@@ -105,14 +107,14 @@ def test_encoder_e_shares_g_en_weights(cls):
     n_rest = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("generator."))
     assert sum(p.numel() for p in model.parameters()) == n_gen + n_rest
     assert not any(k.startswith("E.") for k in model.state_dict())
-    # changing G_en changes E, and H_re = E(G(x)) is what the latent score compares
+    # H_re = E(G(x)) is what the latent score compares, and training G_en changes E with it
     model.eval()
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         f = model.forward_scores(x)
         torch.testing.assert_close(f["h_re"], g_en(f["x_hat"]))
-        g_params[0].add_(1.0)
-        assert torch.equal(e_params[0], g_params[0])
+        g_en.net[0].weight.add_(0.5)  # an update of G_en's first convolution
+        assert not torch.allclose(model.E(f["x_hat"]), f["h_re"])
 
 
 def test_aam_shape_and_peak_where_features_differ():
@@ -135,22 +137,45 @@ def test_aam_shape_and_peak_where_features_differ():
 def test_sparse_gan_score_outputs():
     model = SparseGAN(width=4, image_size=32).eval()
     batch = {"x": torch.rand(5, 1, 32, 32) * 2 - 1, "label": torch.zeros(5), "id": ["a"] * 5}
+    x = batch["x"]
     with torch.no_grad():
         out = model.score(batch)
-    for name in ("score", *SparseGAN.components):
-        assert out[name].shape == (5,) and torch.isfinite(out[name]).all(), name
-    torch.testing.assert_close(out["score"], out["latent"])
-    assert out["x_hat"].shape == (5, 1, 32, 32) and out["amap"].shape == (5, 1, 32, 32)
+        h_in = model.generator.encoder(x)
+        x_hat = model.generator.decoder(h_in)
+        h_re = model.generator.encoder(x_hat)
+    assert out["score"].shape == (5,)
+    torch.testing.assert_close(out["score"], out["latent"])  # the latent score, eq. 4
+    torch.testing.assert_close(out["latent"], (h_in - h_re).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(out["image"], (x - x_hat).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(out["amap"], anomaly_activation_map(h_in, h_re, (32, 32)))
+    assert out["x_hat"].shape == (5, 1, 32, 32)
 
 
-def test_identical_reconstruction_scores_zero():
-    """An auto-encoder that reproduces its input exactly scores 0 in image and latent space."""
-    model = AutoEncoder(width=4, image_size=16).eval()
-    model.generator.decoder.forward = lambda h: x  # G(x) = x
-    x = torch.rand(2, 1, 16, 16) * 2 - 1
+def test_autoencoder_scores_what_it_did_not_learn_higher():
+    """A few steps on one batch of normal B-scans: the auto-encoder's reconstruction-error score
+    (mean squared error of G(x)) then ranks that batch below noise images, and below the same
+    scans with a bright square pasted in; ``score`` is the error of its own reconstruction."""
+    torch.manual_seed(0)
+    model = AutoEncoder(width=8, image_size=16)
+    normal = make_split(16, 16, "train", seed=3).images
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        x_hat, _ = model.generator(normal)
+        loss = (normal - x_hat).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lesion = normal.clone()
+    lesion[:, :, 4:10, 4:10] = 1.0
+    noise = torch.rand_like(normal) * 2 - 1
+    model.eval()
     with torch.no_grad():
-        out = model.score({"x": x})
-    assert torch.count_nonzero(out["score"]) == 0 and torch.count_nonzero(out["latent"]) == 0
+        scores = {k: model.score({"x": v})["score"] for k, v in
+                  (("normal", normal), ("lesion", lesion), ("noise", noise))}  # fmt: skip
+        x_hat = model.generator(normal)[0]
+    torch.testing.assert_close(scores["normal"], (normal - x_hat).pow(2).flatten(1).mean(1))
+    assert scores["normal"].max() < scores["noise"].min()
+    assert scores["normal"].max() < scores["lesion"].min()  # (untrained: normal > noise)
 
 
 @pytest.mark.parametrize(("size", "side", "stages"), [(224, 7, 5), (64, 4, 4), (16, 4, 2)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METHODS, REPO, compose_cfg, tiny_overrides
+from conftest import METHODS, REPO, check_results_against_scores, compose_cfg, tiny_overrides
 from omegaconf import OmegaConf
 
 from anogan_lightning.train import run
@@ -50,6 +50,7 @@ def test_command_line_writes_every_artefact(tmp_path: Path):
     results = json.loads((run_dir / "results.json").read_text())
     for key in RESULT_KEYS:
         assert isinstance(results[key], float) and math.isfinite(results[key]), key
+    check_results_against_scores(run_dir, results)
     for name in ("scores.csv", "roc.png", "score_hist.png", "samples.png", "config.yaml"):
         assert (run_dir / name).stat().st_size > 0, name
     assert (run_dir / "checkpoints/model.ckpt").is_file()
@@ -157,17 +158,17 @@ def test_wandb_offline_run_folder(tmp_path: Path, monkeypatch):
 def test_bf16_mixed_precision_keeps_the_mapping_in_float32(tmp_path: Path, monkeypatch):
     """trainer.precision=bf16-mixed (CPU autocast here; the same path as on a GPU): training
     and the latent mapping run, z and the mapping losses stay float32."""
-    import anogan_lightning.methods.anogan as anogan_module
+    from anogan_lightning.methods.anogan import AnoGAN
 
     seen = {}
-    original = anogan_module.map_latent
+    original = AnoGAN.latent_mapping
 
     def spy(*args, **kwargs):
         m = original(*args, **kwargs)
         seen.update(z=m.z.dtype, score=m.score.dtype, autocast=torch.is_autocast_enabled("cpu"))
         return m
 
-    monkeypatch.setattr(anogan_module, "map_latent", spy)
+    monkeypatch.setattr(AnoGAN, "latent_mapping", staticmethod(spy))
     results = run(
         compose_cfg([*tiny_overrides("anogan"), "trainer.precision=bf16-mixed"], tmp_path)
     )

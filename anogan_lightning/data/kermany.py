@@ -13,8 +13,8 @@ names without it, e.g. ``normal_train_1234.jpg``, are a group each) and no patie
 train and val. With ``val_from="val"`` the ``<root>/val`` folder is used as it is instead.
 
 Resize policy. Kermany B-scans are 496 rows high but 384 to 1536 columns wide, and the width
-alone separates normal from diseased scans better than chance (AUROC ~0.6). Squashing every
-width to a square would let acquisition geometry masquerade as anatomy, so by default
+alone separates normal from diseased scans better than chance (experiments/README.md). Squashing
+every width to a square would let acquisition geometry masquerade as anatomy, so by default
 (``resize="crop"``) each image is resized to height ``image_size`` keeping its aspect ratio, then
 a square of width ``image_size`` is cropped from it: the centre for val/test, a random horizontal
 position for train (``train_crop="random"``; ``"center"`` for a fixed crop). Images narrower
@@ -24,14 +24,14 @@ width and is there only for comparison.
 
 Flattening (``flatten=True``): every B-scan is first flattened on its detected Bruch's
 membrane (:func:`anogan_lightning.data.preprocess.flatten_bscan`), as the AnoGAN paper does for
-its volumes, so curvature and tilt do not have to be modelled as normal variation. It costs
-about 0.07 s of CPU per image (done once when preloading).
+its volumes, so curvature and tilt do not have to be modelled as normal variation; with
+``preload=True`` it runs once per image.
 
-Registration fill (``fill_white=True``, default): 164 of kermany-mini's 500 test scans carry
-saturated white wedges where the scanner's registration rotated the frame, and every method's
-score correlates with the wedge area (Spearman 0.4-0.5) although it says nothing about the
-retina. The wedges are set to the scan's dark background before the resize, so acquisition
-geometry does not pass for anatomy (as with the width, above).
+Registration fill (``fill_white=True``, default): rotated scans carry saturated white wedges
+where the scanner's registration turned the frame, and left alone every method's score follows
+the wedge area (experiments/README.md), which says nothing about the retina. The wedges are
+set to the scan's dark background before the resize, so acquisition geometry does not pass for
+anatomy (as with the width, above).
 
 Loading. JPEGs are decoded at a reduced DCT scale (``PIL.Image.draft``) and converted to
 grayscale. With ``preload=True`` every image is read once in :meth:`setup` and kept as its
@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 NORMAL = "NORMAL"
 _KERMANY_NAME = re.compile(r"^[A-Za-z]+-(\d+)-\d+$")  # CLASS-PATIENT-N
+FILL_WHITE = (
+    True  # the one default of fill_white: read_image, KermanyDataset, the DataModule, predict
+)
 
 
 def patient_id(path: str | Path) -> str | None:
@@ -170,7 +173,7 @@ def read_image(
     image_size: int,
     resize: str = "crop",
     flatten: bool = False,
-    fill_white: bool = False,
+    fill_white: bool = FILL_WHITE,
 ) -> np.ndarray:
     """uint8 grayscale: a strip (S, W >= S) for ``resize="crop"``, (S, S) for ``"squash"``.
 
@@ -222,7 +225,7 @@ class KermanyDataset(Dataset):
         resize: str = "crop",
         crop: str = "center",
         flatten: bool = False,
-        fill_white: bool = False,
+        fill_white: bool = FILL_WHITE,
     ) -> None:
         assert len(paths) == len(labels) == len(classes)
         self.paths = [Path(p) for p in paths]
@@ -300,7 +303,7 @@ class KermanyDataModule(AnomalyDataModule):
         train_crop: str = "random",
         preload: bool = True,
         flatten: bool = False,
-        fill_white: bool = True,
+        fill_white: bool = FILL_WHITE,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int | None = None,

@@ -174,15 +174,21 @@ def _read_heyex(path: Path, kind: str) -> tuple[np.ndarray, Spacing]:
     return data, (None, None, None)
 
 
+def _format(path: Path, allowed: tuple[str, ...], what: str) -> str:
+    """``path``'s suffix, or a VolumeReadError naming the file when it is not in ``allowed``."""
+    kind = suffix(path)
+    if kind not in allowed:
+        raise VolumeReadError(
+            f"{path}: unknown {what} format {kind or '(no suffix)'!r}; "
+            f"expected one of {', '.join(allowed)}"
+        )
+    return kind
+
+
 def read_volume(path: str | Path) -> Volume:
     """Read one OCT volume (see the module docstring for the formats)."""
     path = Path(path)
-    kind = suffix(path)
-    if kind not in VOLUME_SUFFIXES:
-        raise VolumeReadError(
-            f"{path}: unknown volume format {kind or '(no suffix)'!r}; "
-            f"expected one of {', '.join(VOLUME_SUFFIXES)}"
-        )
+    kind = _format(path, VOLUME_SUFFIXES, "volume")
     if not path.is_file():
         raise VolumeReadError(f"{path}: no such volume file")
     try:
@@ -211,12 +217,7 @@ def read_volume(path: str | Path) -> Volume:
 def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Annotation mask as uint8 {0, 1} (B-scans, rows, columns); ``shape``: the volume's."""
     path = Path(path)
-    kind = suffix(path)
-    if kind not in MASK_SUFFIXES:
-        raise VolumeReadError(
-            f"{path}: unknown mask format {kind or '(no suffix)'!r}; "
-            f"expected one of {', '.join(MASK_SUFFIXES)}"
-        )
+    kind = _format(path, MASK_SUFFIXES, "mask")
     try:
         if kind == ".npy":
             a = np.load(path, allow_pickle=False)

@@ -9,7 +9,8 @@ adversary, so every network has the depth of AnoGAN's. Training on normal images
 - D: -log D(x) - log(1 - D(x̂)), x̂ = Dec(Enc(x)) (reconstructions play the fakes);
 - autoencoder: L = λ_rec·(1/n)Σ|x - x̂| + λ_adv·(-log D(x̂)).
 
-Scoring: AnoGAN's A(x) = (1 - λ)·R(x) + λ·D(x) on the autoencoder's own reconstruction, with
+Scoring: AnoGAN's A(x) = (1 - λ)·R(x) + λ·D(x) (sec. 2.3, eq. 6; λ = ``lambda_score``, the
+weight of D in the score, not of a training loss) on the autoencoder's own reconstruction, with
 R = Σ|x - x̂| and D = Σ|f(x) - f(x̂)|, f = the discriminator's block ``feature_layer``; no
 latent search, one forward pass (``scoring.reconstruction_scores``). Components: ``residual``,
 ``discrimination`` and ``pd`` (the discriminator's verdict on the query, -logit). Anomaly map:
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anogan_lightning.losses import bce_discriminator_loss, bce_generator_loss
+from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.acae import ConvAutoencoder
 from anogan_lightning.nets.dcgan import DCGANDiscriminator
@@ -38,7 +39,6 @@ class ACAE(AnomalyModule):
     """Adversarial convolutional autoencoder; scores A, R, D and PD on its reconstruction."""
 
     components = ("residual", "discrimination", "pd")
-    fixed_batch_loss = "train/loss_rec"  # the autoencoder learns to reconstruct one batch
 
     def __init__(
         self,
@@ -51,7 +51,7 @@ class ACAE(AnomalyModule):
         betas: tuple[float, float] = (0.5, 0.999),
         lambda_rec: float = 50.0,
         lambda_adv: float = 1.0,
-        lambda_fm: float = 0.1,
+        lambda_score: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,10 +60,7 @@ class ACAE(AnomalyModule):
         self.discriminator = DCGANDiscriminator(channels, width, image_size, feature_layer)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_ae = torch.optim.Adam(self.autoencoder.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        return opt_d, opt_ae
+        return self.adam(self.discriminator.parameters()), self.adam(self.autoencoder.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
@@ -74,39 +71,25 @@ class ACAE(AnomalyModule):
         x_hat = self.autoencoder(x)  # before toggling: the AE step back-propagates through it
 
         # D step: real queries vs their reconstructions
-        self.toggle_optimizer(opt_d)
-        logit_real = self.discriminator(x)
-        logit_fake = self.discriminator(x_hat.detach())
-        loss_d = bce_discriminator_loss(logit_real, logit_fake)
-        self.check_finite(**{"train/loss_d": loss_d})
-        self.optimizer_update(opt_d, loss_d)
-        self.untoggle_optimizer(opt_d)
+        logs = self.bce_discriminator_update(self.discriminator, opt_d, x, x_hat)
 
         # autoencoder step: λ_rec·mean|x - x̂| + λ_adv·(-log D(x̂))
-        self.toggle_optimizer(opt_ae)
-        loss_rec = (x - x_hat).abs().mean()
-        loss_adv = bce_generator_loss(self.discriminator(x_hat))
-        loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
-        self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
-        self.optimizer_update(opt_ae, loss_ae)
-        self.untoggle_optimizer(opt_ae)
+        with self.toggled_optimizer(opt_ae):
+            loss_rec = (x - x_hat).abs().mean()
+            loss_adv = bce_generator_loss(self.discriminator(x_hat))
+            loss_ae = hp.lambda_rec * loss_rec + hp.lambda_adv * loss_adv
+            self.check_finite(**{"train/loss_rec": loss_rec, "train/loss_adv": loss_adv})
+            self.optimizer_update(opt_ae, loss_ae)
 
-        self.log_dict(
-            {
-                "train/loss_d": loss_d.detach(),
-                "train/loss_ae": loss_ae.detach(),
-                "train/loss_rec": loss_rec.detach(),
-                "train/loss_adv": loss_adv.detach(),
-            },
-            prog_bar=True,
-        )
+        logs |= {"train/loss_ae": loss_ae, "train/loss_rec": loss_rec, "train/loss_adv": loss_adv}
+        self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         with torch.no_grad():
             x_hat = self.autoencoder(x).float()
             score, residual, discrimination = reconstruction_scores(
-                self.discriminator, x, x_hat, self.hparams.lambda_fm
+                self.discriminator, x, x_hat, self.hparams.lambda_score
             )
             pd = -self.discriminator(x).float()  # higher = judged less real
         return {

@@ -29,9 +29,9 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
 from anogan_lightning.scoring import frozen, l1_per_sample, map_latent, residual_map
@@ -42,7 +42,9 @@ class AnoGAN(AnomalyModule):
 
     needs_grad_at_test = True
     components = ("residual", "discrimination", "pd")
-    fixed_batch_loss = "train/loss_d"  # D learns to tell one fixed batch from fakes
+    #: the latent mapping ``score`` runs, and the component name of its discrimination term
+    latent_mapping = staticmethod(map_latent)
+    discrimination_name = "discrimination"
 
     def __init__(
         self,
@@ -68,10 +70,7 @@ class AnoGAN(AnomalyModule):
         self.discriminator = DCGANDiscriminator(channels, width, image_size, feature_layer)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        return opt_d, opt_g
+        return self.adam(self.discriminator.parameters()), self.adam(self.generator.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
@@ -83,39 +82,15 @@ class AnoGAN(AnomalyModule):
         x_fake = self.generator(z)  # before toggling: the G step back-propagates through it
 
         # D step: maximise log D(x) + log(1 - D(G(z)))
-        self.toggle_optimizer(opt_d)
-        logit_real = self.discriminator(x)
-        logit_fake = self.discriminator(x_fake.detach())
-        real_target = torch.full_like(logit_real, self.hparams.get("real_label", 1.0))
-        loss_d = F.binary_cross_entropy_with_logits(
-            logit_real, real_target
-        ) + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake))
-        self.check_finite(**{"train/loss_d": loss_d})
-        self.optimizer_update(opt_d, loss_d)
-        self.untoggle_optimizer(opt_d)
+        real_label = self.hparams.get("real_label", 1.0)
+        logs = self.bce_discriminator_update(self.discriminator, opt_d, x, x_fake, real_label)
 
         # G step: non-saturating, maximise log D(G(z))
-        self.toggle_optimizer(opt_g)
-        logit_gen = self.discriminator(x_fake)
-        loss_g = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
-        self.check_finite(**{"train/loss_g": loss_g})
-        self.optimizer_update(opt_g, loss_g)
-        self.untoggle_optimizer(opt_g)
+        with self.toggled_optimizer(opt_g):
+            loss_g = bce_generator_loss(self.discriminator(x_fake))
+            self.optimizer_update(opt_g, loss_g, "train/loss_g")
 
-        self.log_dict(
-            {
-                "train/loss_d": loss_d.detach(),
-                "train/loss_g": loss_g.detach(),
-                "train/d_real": torch.sigmoid(logit_real).mean().detach(),
-                "train/d_fake": torch.sigmoid(logit_fake).mean().detach(),
-            },
-            prog_bar=True,
-        )
-
-    def initial_z(self, n: int, batch_idx: int) -> Tensor:
-        """n prior draws from one generator seeded by (mapping_seed, batch index)."""
-        gen = torch.Generator().manual_seed(self.hparams.mapping_seed * 1_000_003 + batch_idx)
-        return sample_uniform_z(n, self.hparams.latent_dim, generator=gen).to(self.device)
+        self.log_dict({**logs, "train/loss_g": loss_g.detach()}, prog_bar=True)
 
     def prior_draws(self, ids: list[str], k: int = 1) -> Tensor:
         """(k, B, latent_dim) prior draws, each image's from a generator seeded by
@@ -147,16 +122,22 @@ class AnoGAN(AnomalyModule):
         best = torch.stack(losses).argmin(0)  # (B,)
         return cands[best, torch.arange(len(x), device=best.device)]
 
+    @property
+    def lam(self) -> float:
+        """λ of the mapping loss L(z) and the score A(x) (eq. 5-6): ``lambda_fm``, the weight of
+        the feature-matching term."""
+        return self.hparams.lambda_fm
+
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         hp = self.hparams
-        m = map_latent(
+        m = self.latent_mapping(
             self.generator,
             self.discriminator,
             x,
             self.start_z(x.float(), batch["id"]),
             steps=hp.mapping_steps,
-            lam=hp.lambda_fm,
+            lam=self.lam,
             lr=hp.mapping_lr,
             progress=hp.progress,
         )
@@ -165,7 +146,7 @@ class AnoGAN(AnomalyModule):
         return {
             "score": m.score,
             "residual": m.residual,
-            "discrimination": m.discrimination,
+            self.discrimination_name: m.discrimination,
             "pd": pd,
             "x_hat": m.x_hat,
             "amap": residual_map(x.float(), m.x_hat),

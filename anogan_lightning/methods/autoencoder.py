@@ -12,20 +12,17 @@ the residual |x - G(x)|. Adam, plain automatic optimisation.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from anogan_lightning.methods.base import AnomalyModule
-from anogan_lightning.methods.pix2pix import mean_sq
 from anogan_lightning.nets.pix2pix import EncoderDecoder
-from anogan_lightning.scoring import residual_map
+from anogan_lightning.scoring import mean_sq, residual_map
 
 
 class AutoEncoder(AnomalyModule):
     """x -> G_de(G_en(x)); reconstruction-error score."""
 
     components = ("l1", "latent")
-    fixed_batch_loss = "train/loss"
 
     def __init__(
         self,
@@ -41,8 +38,7 @@ class AutoEncoder(AnomalyModule):
         self.generator = EncoderDecoder(channels, width, image_size, latent_channels)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        return torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        return self.adam(self.generator.parameters())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if batch is None:

@@ -8,9 +8,10 @@ from collections import defaultdict
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from anogan_lightning import evaluation, pixel_eval
+from anogan_lightning.losses import bce_discriminator_loss
 
 N_SAMPLES = 8  # images per class kept for samples.png
 N_EXTREMES = 4  # highest- and lowest-scoring test images kept for anomaly_maps/
@@ -37,8 +38,6 @@ class AnomalyModule(pl.LightningModule):
     needs_grad_at_test: bool = False
     #: image-level score components beside ``score``, in display order
     components: tuple[str, ...] = ()
-    #: the logged training loss that a few steps on one fixed batch must lower (tests)
-    fixed_batch_loss: str = "train/loss"
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,11 +88,38 @@ class AnomalyModule(pl.LightningModule):
                     f"(epoch {self.current_epoch}): {name} = {value.item()}"
                 )
 
-    def optimizer_update(self, opt, loss: Tensor) -> None:
-        """One manual-optimisation update of ``opt`` on ``loss`` (zero grad, backward, step)."""
+    def adam(self, params) -> torch.optim.Adam:
+        """Adam over ``params`` with the method's ``lr`` and ``betas`` hyperparameters."""
+        return torch.optim.Adam(params, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    def optimizer_update(self, opt, loss: Tensor, name: str | None = None) -> None:
+        """One manual-optimisation update of ``opt`` on ``loss`` (zero grad, backward, step);
+        with ``name``, a non-finite ``loss`` first stops training naming it (:meth:`check_finite`)."""
+        if name is not None:
+            self.check_finite(**{name: loss})
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
+
+    def bce_discriminator_update(
+        self, discriminator: nn.Module, opt, x: Tensor, x_fake: Tensor, real_label: float = 1.0
+    ) -> dict[str, Tensor]:
+        """The D step of a BCE GAN: one update of ``discriminator`` on
+        -log D(x) - log(1 - D(x_fake)) (:func:`~anogan_lightning.losses.bce_discriminator_loss`);
+        ``x_fake`` is detached, so no gradient reaches the network that made it.
+
+        Returns the logs ``train/loss_d``, ``train/d_real`` and ``train/d_fake`` (mean D output).
+        """
+        with self.toggled_optimizer(opt):
+            logit_real = discriminator(x)
+            logit_fake = discriminator(x_fake.detach())
+            loss_d = bce_discriminator_loss(logit_real, logit_fake, real_label)
+            self.optimizer_update(opt, loss_d, "train/loss_d")
+        return {
+            "train/loss_d": loss_d.detach(),
+            "train/d_real": torch.sigmoid(logit_real).mean().detach(),
+            "train/d_fake": torch.sigmoid(logit_fake).mean().detach(),
+        }
 
     def _check_grad_mode(self) -> None:
         if self.needs_grad_at_test and torch.is_inference_mode_enabled():

@@ -51,6 +51,7 @@ from anogan_lightning.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.encoder import ResNetEncoder
 from anogan_lightning.nets.wgan import ResNetCritic, ResNetGenerator
@@ -65,9 +66,6 @@ class FAnoGAN(AnomalyModule):
     """WGAN-GP + izi_f encoder; scores A = A_R + κ·A_D, and A_R, A_D, the latent distance."""
 
     components = ("residual", "feature", "latent")
-    # izi_f: through the frozen G, the encoder learns to reconstruct one fixed batch (the generic
-    # test runs stage 2 alone, gan_steps=0; tests/test_fanogan.py covers stage 1)
-    fixed_batch_loss = "train/loss_e"
 
     def __init__(
         self,
@@ -120,24 +118,8 @@ class FAnoGAN(AnomalyModule):
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
     def load_gan(self, path: str) -> None:
-        """Copy ``generator.*`` and ``critic.*`` from a FAnoGAN Lightning checkpoint."""
-        # a Lightning checkpoint the user names (the trust of load_from_checkpoint): full unpickling
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        theirs = ckpt.get("hyper_parameters", {})
-        diff = [k for k in ARCH_KEYS if k in theirs and theirs[k] != self.hparams[k]]
-        if diff:
-            detail = ", ".join(
-                f"{k}: checkpoint {theirs[k]} vs config {self.hparams[k]}" for k in diff
-            )
-            raise ValueError(f"gan_checkpoint {path} has another architecture ({detail})")
-        for name in ("generator", "critic"):
-            prefix = f"{name}."
-            sd = {
-                k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
-            }
-            if not sd:
-                raise ValueError(f"gan_checkpoint {path} holds no {name} weights")
-            getattr(self, name).load_state_dict(sd)
+        """Copy ``generator.*`` and ``critic.*`` from a FAnoGAN checkpoint."""
+        load_networks(self, path, ("generator", "critic"), ARCH_KEYS, "method.gan_checkpoint")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -174,10 +156,8 @@ class FAnoGAN(AnomalyModule):
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        opt_c = torch.optim.Adam(self.critic.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
         opt_e = torch.optim.RMSprop(self.encoder.parameters(), lr=hp.encoder_lr, alpha=0.9)
-        return opt_c, opt_g, opt_e
+        return self.adam(self.critic.parameters()), self.adam(self.generator.parameters()), opt_e
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
@@ -203,15 +183,13 @@ class FAnoGAN(AnomalyModule):
         hp = self.hparams
         opt_c, opt_g, _ = self.optimizers()
 
-        self.toggle_optimizer(opt_c)
-        with torch.no_grad():
-            x_fake = self.generator(self.sample_z(len(x)))
-        c_real, c_fake = self.critic(x), self.critic(x_fake)
-        gp = gradient_penalty(self.critic, x, x_fake)
-        loss_c = wasserstein_critic_loss(c_real, c_fake) + hp.lambda_gp * gp
-        self.check_finite(**{"train/loss_d": loss_c})
-        self.optimizer_update(opt_c, loss_c)
-        self.untoggle_optimizer(opt_c)
+        with self.toggled_optimizer(opt_c):
+            with torch.no_grad():
+                x_fake = self.generator(self.sample_z(len(x)))
+            c_real, c_fake = self.critic(x), self.critic(x_fake)
+            gp = gradient_penalty(self.critic, x, x_fake)
+            loss_c = wasserstein_critic_loss(c_real, c_fake) + hp.lambda_gp * gp
+            self.optimizer_update(opt_c, loss_c, "train/loss_d")
         logs = {
             "train/loss_d": loss_c.detach(),
             "train/wasserstein": (c_real.mean() - c_fake.mean()).detach(),
@@ -219,11 +197,10 @@ class FAnoGAN(AnomalyModule):
         }
 
         if (it + 1) % hp.n_critic == 0:
-            self.toggle_optimizer(opt_g)
-            loss_g = wasserstein_generator_loss(self.critic(self.generator(self.sample_z(len(x)))))
-            self.check_finite(**{"train/loss_g": loss_g})
-            self.optimizer_update(opt_g, loss_g)
-            self.untoggle_optimizer(opt_g)
+            with self.toggled_optimizer(opt_g):
+                x_fake = self.generator(self.sample_z(len(x)))
+                loss_g = wasserstein_generator_loss(self.critic(x_fake))
+                self.optimizer_update(opt_g, loss_g, "train/loss_g")
             logs["train/loss_g"] = loss_g.detach()
         self.log_dict(logs, prog_bar=True)
 
@@ -232,17 +209,15 @@ class FAnoGAN(AnomalyModule):
         _, _, opt_e = self.optimizers()
         self.generator.eval()
         self.critic.eval()
-        self.toggle_optimizer(opt_e)
-        x_hat = self.generator(self.encoder(x))
-        with torch.no_grad():
-            f_x = self.critic.features(x)
-        loss, residual, feature = izif_scores(
-            x, x_hat, f_x, self.critic.features(x_hat), self.hparams.kappa
-        )
-        loss_e = loss.mean()
-        self.check_finite(**{"train/loss_e": loss_e})
-        self.optimizer_update(opt_e, loss_e)
-        self.untoggle_optimizer(opt_e)
+        with self.toggled_optimizer(opt_e):
+            x_hat = self.generator(self.encoder(x))
+            with torch.no_grad():
+                f_x = self.critic.features(x)
+            loss, residual, feature = izif_scores(
+                x, x_hat, f_x, self.critic.features(x_hat), self.hparams.kappa
+            )
+            loss_e = loss.mean()
+            self.optimizer_update(opt_e, loss_e, "train/loss_e")
         self.log_dict(
             {
                 "train/loss_e": loss_e.detach(),

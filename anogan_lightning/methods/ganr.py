@@ -5,7 +5,9 @@ Training: AnoGAN's DCGAN, unchanged (this class subclasses :class:`AnoGAN`). Sco
 of Adam on z with G and D frozen, minimising L(z) = (1 - λ)·Σ|x - G(z)| + λ·L̂_D(z) with
 L̂_D(z) = σ(D(G(z)), 1), the sigmoid cross-entropy of the discriminator's verdict on G(z)
 against the label "real" (Yeh et al.'s perceptual loss, in place of AnoGAN's feature matching).
-Score Â(x) = (1 - λ)·R(x) + λ·D̂(x) at z_Γ. Components: ``residual`` (R),
+Score Â(x) = (1 - λ)·R(x) + λ·D̂(x) at z_Γ (AnoGAN's A(x), sec. 2.3, eq. 6, with D̂ for D);
+λ = ``lambda_score`` weights the discrimination term in both L(z) and Â(x). (AnoGAN calls its λ
+``lambda_fm``: there it weights feature matching; here there is none.) Components: ``residual`` (R),
 ``discrimination_ref`` (D̂) and ``pd`` (the discriminator's own verdict on the query, -logit).
 The anomaly map is |x - G(z_Γ)|.
 
@@ -17,46 +19,28 @@ feature_layer) must match the checkpoint's; a mismatch is an error naming them. 
 read only by ``fit``: ``GANR.load_from_checkpoint(<ganr model.ckpt>)`` does not need it.
 
 Choices the paper leaves open: the same as AnoGAN's (z-optimiser Adam lr 0.01, z in [-1, 1],
-seeded initial z per batch, whole batches mapped at once).
+seeded initial z per image, whole batches mapped at once).
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
-from torch import Tensor
-
+from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.anogan import AnoGAN
-from anogan_lightning.scoring import map_latent_reference, residual_map
+from anogan_lightning.scoring import map_latent_reference
 
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("latent_dim", "channels", "width", "image_size", "feature_layer")
 
 
-def load_gan_weights(model: AnoGAN, path: str) -> None:
-    """Copy ``generator.*`` and ``discriminator.*`` from an AnoGAN-family Lightning checkpoint."""
-    # a Lightning checkpoint the user names (the trust of load_from_checkpoint): full unpickling
-    ckpt = torch.load(path, map_location=model.device, weights_only=False)
-    theirs = ckpt.get("hyper_parameters", {})
-    diff = {k: (theirs[k], model.hparams[k]) for k in ARCH_KEYS if k in theirs}
-    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"from_checkpoint {path} has another architecture ({detail})")
-    for name in ("generator", "discriminator"):
-        prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f"from_checkpoint {path} holds no {name} weights")
-        getattr(model, name).load_state_dict(state)
-
-
 class GANR(AnoGAN):
     """AnoGAN's DCGAN + latent mapping with the reference discrimination loss; Â, R, D̂, PD."""
 
     components = ("residual", "discrimination_ref", "pd")
+    latent_mapping = staticmethod(map_latent_reference)  # L̂_D in place of feature matching
+    discrimination_name = "discrimination_ref"
 
     def __init__(
         self,
@@ -67,14 +51,13 @@ class GANR(AnoGAN):
         feature_layer: int = -1,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
-        lambda_fm: float = 0.1,
+        lambda_score: float = 0.1,
         mapping_steps: int = 500,
         mapping_lr: float = 0.01,
         mapping_seed: int = 0,
         progress: bool = True,
         from_checkpoint: str | None = None,
     ) -> None:
-        # AnoGAN's save_hyperparameters() also records from_checkpoint (this frame's argument)
         super().__init__(
             latent_dim,
             channels,
@@ -83,45 +66,34 @@ class GANR(AnoGAN):
             feature_layer,
             lr,
             betas,
-            lambda_fm,
+            lambda_score,  # the λ of L(z), AnoGAN's lambda_fm argument
             mapping_steps,
             mapping_lr,
             mapping_seed,
             progress,
         )
+        # AnoGAN's save_hyperparameters() recorded both frames: drop λ under AnoGAN's name and
+        # record again (hparams_initial, what loggers show, then lacks it too)
+        self.hparams.pop("lambda_fm")
+        self.save_hyperparameters()
+
+    def load_gan(self, path: str) -> None:
+        """Copy ``generator.*`` and ``discriminator.*`` from an AnoGAN-family checkpoint."""
+        names = ("generator", "discriminator")
+        load_networks(self, path, names, ARCH_KEYS, "method.from_checkpoint")
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         path = self.hparams.from_checkpoint
         if path:
-            load_gan_weights(self, path)
+            self.load_gan(path)
             log.info("GANR: generator and discriminator loaded from %s; training skipped", path)
 
     def on_train_start(self) -> None:
         if self.hparams.from_checkpoint:
             self.trainer.should_stop = True  # the fit loop ends before its first batch
 
-    def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
-        x = batch["x"]
-        hp = self.hparams
-        m = map_latent_reference(
-            self.generator,
-            self.discriminator,
-            x,
-            self.prior_draws(batch["id"])[0],  # seeded per image, as AnoGAN's
-            steps=hp.mapping_steps,
-            lam=hp.lambda_fm,
-            lr=hp.mapping_lr,
-            progress=hp.progress,
-        )
-        with torch.no_grad():
-            pd = -self.discriminator(x).float()  # higher = judged less real
-        return {
-            "score": m.score,
-            "residual": m.residual,
-            "discrimination_ref": m.discrimination,
-            "pd": pd,
-            "x_hat": m.x_hat,
-            "amap": residual_map(x.float(), m.x_hat),
-            "z": m.z,
-        }
+    @property
+    def lam(self) -> float:
+        """λ of L(z) and Â(x): ``lambda_score``, the weight of L̂_D."""
+        return self.hparams.lambda_score

@@ -12,7 +12,7 @@ Scores, both reported in every run as components, so the #1 vs #2 ablation is on
 - ``latent`` (#2, eq. 4): A(I) = ||H_in - H_re||^2 / (C h w), H_in = G_en(I_in), H_re = E(I_re),
   the encoder E being G_en itself (one parameter set, ``Pix2Pix.E``).
 ``score_space`` picks which of the two is ``score``. Pixel anomaly map: the residual |I_in - I_re|
-for #1; the Anomaly Activation Map (eq. 8, :func:`anomaly_activation_map`) for #2.
+for #1; the Anomaly Activation Map (eq. 8, :func:`anogan_lightning.scoring.anomaly_activation_map`) for #2.
 
 Choices the paper leaves open:
 - Backbone: a DCGAN/pix2pix-style conv encoder-decoder without skips, depth from the image size,
@@ -30,49 +30,21 @@ Choices the paper leaves open:
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator
-from anogan_lightning.scoring import residual_map
+from anogan_lightning.scoring import anomaly_activation_map, mean_sq, residual_map
 
 SCORE_SPACES = ("image", "latent")
 ADV_LOSSES = ("bce", "feature")
-
-
-def mean_sq(a: Tensor, b: Tensor) -> Tensor:
-    """mean (a - b)^2 over all but the batch dimension: (B,)."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
-
-
-def anomaly_activation_map(
-    h_in: Tensor, h_re: Tensor, size: tuple[int, int] | None = None
-) -> Tensor:
-    """AAM (Sparse-GAN eq. 8): w = |GAP(H_in) - GAP(H_re)|, map = sum_c w_c H_in[c].
-
-    h_in, h_re (B, C, h, w) -> (B, 1, h, w), or (B, 1, *size) upsampled bilinearly.
-    """
-    h_in, h_re = h_in.float(), h_re.float()
-    w = (h_in.mean((2, 3)) - h_re.mean((2, 3))).abs()  # (B, C) channel weights
-    amap = torch.einsum("bc,bchw->bhw", w, h_in).unsqueeze(1)
-    if size is not None:
-        amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
-    return amap
-
-
-def gan_loss(logits: Tensor, real: bool) -> Tensor:
-    """Binary cross-entropy of patch logits (B, P) against all-real or all-fake targets."""
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
 class Pix2Pix(AnomalyModule):
     """Encoder-decoder GAN; ``score_space="image"`` is pix2pix #1, ``"latent"`` is #2."""
 
     components = ("image", "latent")
-    fixed_batch_loss = "train/loss_re"  # G learns to reconstruct one fixed batch
 
     def __init__(
         self,
@@ -105,10 +77,7 @@ class Pix2Pix(AnomalyModule):
         return list(self.generator.parameters())
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        opt_g = torch.optim.Adam(self.generator_parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        return opt_d, opt_g
+        return self.adam(self.discriminator.parameters()), self.adam(self.generator_parameters())
 
     def generate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(I_re = G(x), H_in = G_en(x), auxiliary output for ``extra_generator_loss``)."""
@@ -132,42 +101,27 @@ class Pix2Pix(AnomalyModule):
         )  # before toggling: the G step back-propagates through it
 
         # D step: maximise log D(I_in) + log(1 - D(G(I_in)))  (eq. 2)
-        self.toggle_optimizer(opt_d)
-        logit_real = self.discriminator(x)
-        logit_fake = self.discriminator(x_hat.detach())
-        loss_d = gan_loss(logit_real, True) + gan_loss(logit_fake, False)
-        self.check_finite(**{"train/loss_d": loss_d})
-        self.optimizer_update(opt_d, loss_d)
-        self.untoggle_optimizer(opt_d)
+        logs = self.bce_discriminator_update(self.discriminator, opt_d, x, x_hat)
 
         # G step: lambda_re L_re + lambda_adv L_adv (+ lambda_sp L_sp for Sparse-GAN), eq. 3 / 7
-        self.toggle_optimizer(opt_g)
-        loss_re = (x - x_hat).abs().mean()  # L1, eq. 1
-        if hp.adv_loss == "bce":  # non-saturating: -log D(G(I_in))
-            loss_adv = gan_loss(self.discriminator(x_hat), True)
-        else:  # feature matching (GANomaly): ||f(I_in) - f(G(I_in))||^2, f = D's last block
-            f_real = self.discriminator.forward_with_features(x)[1]
-            f_fake = self.discriminator.forward_with_features(x_hat)[1]
-            loss_adv = (f_real - f_fake).pow(2).mean()
-        extra, logs = self.extra_generator_loss(h_in, aux)
-        loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
-        self.check_finite(**{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **logs})
-        self.check_finite(**{"train/loss_g": loss_g})
-        self.optimizer_update(opt_g, loss_g)
-        self.untoggle_optimizer(opt_g)
+        with self.toggled_optimizer(opt_g):
+            loss_re = (x - x_hat).abs().mean()  # L1, eq. 1
+            if hp.adv_loss == "bce":  # non-saturating: -log D(G(I_in))
+                loss_adv = bce_generator_loss(self.discriminator(x_hat))
+            else:  # feature matching (GANomaly): ||f(I_in) - f(G(I_in))||^2, f = D's last block
+                f_real = self.discriminator.forward_with_features(x)[1]
+                f_fake = self.discriminator.forward_with_features(x_hat)[1]
+                loss_adv = (f_real - f_fake).pow(2).mean()
+            extra, extra_logs = self.extra_generator_loss(h_in, aux)
+            loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
+            self.check_finite(
+                **{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **extra_logs}
+            )
+            self.optimizer_update(opt_g, loss_g, "train/loss_g")
 
-        self.log_dict(
-            {
-                "train/loss_d": loss_d.detach(),
-                "train/loss_g": loss_g.detach(),
-                "train/loss_re": loss_re.detach(),
-                "train/loss_adv": loss_adv.detach(),
-                "train/d_real": torch.sigmoid(logit_real).mean().detach(),
-                "train/d_fake": torch.sigmoid(logit_fake).mean().detach(),
-                **{k: v.detach() for k, v in logs.items()},
-            },
-            prog_bar=True,
-        )
+        logs |= {"train/loss_g": loss_g, "train/loss_re": loss_re, "train/loss_adv": loss_adv}
+        logs |= extra_logs
+        self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
     def forward_scores(self, x: Tensor) -> dict[str, Tensor]:
         """x_hat = G(x), H_in = G_en(x), H_re = E(x_hat) and the image / latent scores."""

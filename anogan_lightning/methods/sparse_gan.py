@@ -14,8 +14,8 @@ sensitivity on test at it). Pixel anomaly map: the Anomaly Activation Map (sec. 
 w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c], upsampled to the image.
 Components: ``image`` (#1's score) and ``latent`` (= ``score``). The SRN does not run at test
 time: the paper's score does not use it, and the query's own L_sp, tried as a component, ranked
-below chance on kermany-mini (test AUROC 0.39-0.49) while costing ~45 % of the scoring FLOPs at
-224 x 224 (experiments/README.md).
+below chance on kermany-mini while adding a large share of the scoring FLOPs (figures in
+experiments/README.md).
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224
@@ -38,9 +38,6 @@ Choices the paper leaves open, made here (each also in the module it concerns):
   eq. 6 is ``alpha`` (0.2: see ``nets/srn.py`` and the tests for the sparsity it gives).
 - W_d, the SRN and G are updated by the same Adam optimiser (lr 1e-3) on L_G; D as in pix2pix.
 - Adversarial loss, optimisers, no latent-consistency loss: as ``methods/pix2pix.py``.
-
-Measured (experiments/README.md): on kermany-mini at ~1000 steps L_sp lowers the effective
-rank of H_in (29 -> 12.5) and the latent score's AUROC with it, more the larger lambda_sp.
 """
 
 from __future__ import annotations
@@ -57,7 +54,6 @@ class SparseGAN(Pix2Pix):
     """pix2pix #2 + Sparsity Regularization Net; latent score, AAM anomaly map."""
 
     components = ("image", "latent")
-    fixed_batch_loss = "train/loss_re"
 
     def __init__(
         self,

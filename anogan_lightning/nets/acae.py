@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from anogan_lightning.nets.dcgan import DCGANGenerator, init_dcgan_weights, n_layers
+from anogan_lightning.nets.common import init_dcgan_weights, n_halvings
+from anogan_lightning.nets.dcgan import DCGANGenerator, down_blocks
 
 
 class ConvEncoder(nn.Module):
@@ -28,15 +29,9 @@ class ConvEncoder(nn.Module):
         self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
     ) -> None:
         super().__init__()
-        n = n_layers(image_size)
+        n = n_halvings(image_size)
         chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
-        layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
-            layers.append(nn.Conv2d(c_in, c_out, 5, 2, padding=2))
-            if i > 0:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*[m for b in down_blocks(channels, chans) for m in b])
         self.head = nn.Linear(chans[-1] * 16, latent_dim)  # (C, 4, 4) -> code
         init_dcgan_weights(self)
 

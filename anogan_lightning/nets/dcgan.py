@@ -4,37 +4,29 @@ AnoGAN's grayscale variant: 5x5 kernels, stride 2, channels 512-256-128-64 for a
 (``width=64``), z 100-dim. Depth follows the image size: log2(image_size / 4) strided layers, so
 ``image_size=64`` gives the paper's 4 fractionally-strided convolutions and 4 convolutions.
 
-Weights and activations are channels-last (NHWC): the same numbers, without oneDNN's layout
-reorders around every (transposed) convolution (see ``nets/pix2pix.py``).
+Weights and activations are channels-last (NHWC,
+:func:`anogan_lightning.nets.common.channels_last`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from anogan_lightning.nets.pix2pix import channels_last, nhwc
+from anogan_lightning.nets.common import channels_last, init_dcgan_weights, n_halvings, nhwc
 
 
-def n_layers(image_size: int) -> int:
-    n = int(math.log2(image_size)) - 2
-    if image_size < 8 or 2 ** (n + 2) != image_size:
-        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
-    return n
-
-
-def init_dcgan_weights(module: nn.Module) -> None:
-    """N(0, 0.02) conv weights, N(1, 0.02) norm scales, as in DCGAN."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
+def down_blocks(channels: int, chans: list[int]) -> list[list[nn.Module]]:
+    """The DCGAN discriminator's strided 5x5 convolutions ``channels`` -> chans[0] -> ..., each
+    followed by batch norm (but the first, as in DCGAN) and LeakyReLU 0.2; layers per block."""
+    blocks = []
+    for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
+        block = [nn.Conv2d(c_in, c_out, 5, 2, padding=2)]
+        if i > 0:
+            block.append(nn.BatchNorm2d(c_out))
+        block.append(nn.LeakyReLU(0.2, inplace=True))
+        blocks.append(block)
+    return blocks
 
 
 class DCGANGenerator(nn.Module):
@@ -44,7 +36,7 @@ class DCGANGenerator(nn.Module):
         self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
     ) -> None:
         super().__init__()
-        n = n_layers(image_size)
+        n = n_halvings(image_size)
         chans = [width * 2 ** (n - 1 - i) for i in range(n)]  # 64x64: 512, 256, 128, 64
         self.latent_dim = latent_dim
         self.start = chans[0]
@@ -76,16 +68,9 @@ class DCGANDiscriminator(nn.Module):
         self, channels: int = 1, width: int = 64, image_size: int = 64, feature_layer: int = -1
     ) -> None:
         super().__init__()
-        n = n_layers(image_size)
+        n = n_halvings(image_size)
         chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
-        blocks = []
-        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
-            block = [nn.Conv2d(c_in, c_out, 5, 2, padding=2)]
-            if i > 0:  # no norm on the first layer, as in DCGAN
-                block.append(nn.BatchNorm2d(c_out))
-            block.append(nn.LeakyReLU(0.2, inplace=True))
-            blocks.append(nn.Sequential(*block))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(nn.Sequential(*b) for b in down_blocks(channels, chans))
         if not -n <= feature_layer < n:
             raise ValueError(f"feature_layer {feature_layer} out of range for {n} blocks")
         self.feature_layer = feature_layer % n

@@ -13,16 +13,15 @@ non-negative, as the features of a class activation map (the AAM, eq. 8, is buil
 its per-channel scale is fixed, so no loss on H_in (the SRN's L_sp, the latent score) can be
 lowered by shrinking it (the decoder's first BatchNorm would undo any scale).
 
-Memory format: weights and activations are channels-last (NHWC). Same numbers, but oneDNN's
-convolutions skip their layout reorders: scoring at 224 x 224, batch 32, width 64 runs 1.35x
-faster on CPU and a training step 1.15x (benchmarks/sparse_gan.py); on GPUs it is the layout
-tensor-core convolutions want.
+Memory format: weights and activations are channels-last (NHWC,
+:func:`anogan_lightning.nets.common.channels_last`).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from anogan_lightning.nets.common import channels_last, init_dcgan_weights, nhwc
 
 MAX_LATENT_SIDE = 7  # 224 / 2**5, the paper's 7 x 7
 
@@ -51,32 +50,16 @@ def stage_channels(width: int, image_size: int, latent_channels: int | None = No
     return chans
 
 
-def init_weights(module: nn.Module) -> None:
-    """N(0, 0.02) conv weights, N(1, 0.02) norm scales (DCGAN / pix2pix)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-
-
-def channels_last(module: nn.Module) -> nn.Module:
-    """The module's 4-D parameters and buffers in channels-last layout (in place)."""
-    return module.to(memory_format=torch.channels_last)
-
-
-def nhwc(x: Tensor) -> Tensor:
-    """x as a channels-last tensor (no copy when it already is one)."""
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _down(c_in: int, c_out: int, norm: bool) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not norm)] + (
-        [nn.BatchNorm2d(c_out)] if norm else []
-    )
+def down_stack(channels: int, chans: list[int]) -> list[nn.Module]:
+    """Stride-2 4x4 convolutions ``channels`` -> chans[0] -> ..., each followed by BatchNorm
+    (but the first, as in DCGAN / pix2pix) and LeakyReLU 0.2."""
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
+        layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=i == 0))
+        if i > 0:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
 
 
 class Encoder(nn.Module):
@@ -94,20 +77,17 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         chans = stage_channels(width, image_size, latent_channels)
-        layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
-            if i == len(chans) - 1:  # the latent: fixed scale, non-negative (module docstring)
-                layers += [
-                    nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
-                    nn.BatchNorm2d(c_out, affine=False),
-                    nn.ReLU(inplace=True),
-                ]
-            else:  # no norm on the first layer, as in DCGAN / pix2pix
-                layers += _down(c_in, c_out, norm=i > 0) + [nn.LeakyReLU(0.2, inplace=True)]
-        self.net = nn.Sequential(*layers)
+        c_in = ([channels] + chans)[-2]  # into the last stage
+        self.net = nn.Sequential(
+            *down_stack(channels, chans[:-1]),
+            # the latent: fixed scale, non-negative (module docstring)
+            nn.Conv2d(c_in, chans[-1], 4, 2, 1, bias=False),
+            nn.BatchNorm2d(chans[-1], affine=False),
+            nn.ReLU(inplace=True),
+        )
         self.out_channels = chans[-1]
         self.out_size = image_size // 2 ** len(chans)
-        init_weights(self)
+        init_dcgan_weights(self)
         channels_last(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,7 +114,7 @@ class Decoder(nn.Module):
             layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=last))
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers)
-        init_weights(self)
+        init_dcgan_weights(self)
         channels_last(self)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -170,12 +150,9 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, channels: int = 1, width: int = 64, image_size: int = 224) -> None:
         super().__init__()
         chans = stage_channels(width, image_size)
-        layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
-            layers += _down(c_in, c_out, norm=i > 0) + [nn.LeakyReLU(0.2, inplace=True)]
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*down_stack(channels, chans))
         self.head = nn.Conv2d(chans[-1], 1, 3, 1, 1)
-        init_weights(self)
+        init_dcgan_weights(self)
         channels_last(self)
 
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,13 +162,3 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_features(x)[0]
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-if __name__ == "__main__":  # shapes at the paper's size
-    g = EncoderDecoder(1, 64, 224)
-    x_hat, h = g(torch.zeros(2, 1, 224, 224))
-    print(tuple(x_hat.shape), tuple(h.shape), count_parameters(g))

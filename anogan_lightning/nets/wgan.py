@@ -24,18 +24,10 @@ default init (the reference uses He/Glorot uniform; both are variance-preserving
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def n_blocks(image_size: int) -> int:
-    """Resampling blocks between 4x4 and ``image_size`` (4 at 64x64)."""
-    n = int(math.log2(image_size)) - 2
-    if image_size < 8 or 2 ** (n + 2) != image_size:
-        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
-    return n
+from anogan_lightning.nets.common import n_halvings
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -87,7 +79,7 @@ class ResidualBlock(nn.Module):
 
 def critic_channels(width: int, image_size: int) -> list[int]:
     """Channels after the stem and after each down block: 64x64, d=64: 64, 128, 256, 512, 512."""
-    n = n_blocks(image_size)
+    n = n_halvings(image_size)
     return [width * min(2**i, 8) for i in range(n + 1)]
 
 
@@ -98,7 +90,7 @@ class ResNetGenerator(nn.Module):
         self, latent_dim: int = 128, channels: int = 1, width: int = 64, image_size: int = 64
     ) -> None:
         super().__init__()
-        n = n_blocks(image_size)
+        n = n_halvings(image_size)
         outs = [width * min(2 ** (n - 1 - i), 8) for i in range(n)]  # 64x64: 8d, 4d, 2d, d
         ins = [outs[0]] + outs[:-1]  # 64x64: 8d, 8d, 4d, 2d
         self.latent_dim = latent_dim
