@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
@@ -96,6 +97,53 @@ def stitch(
     s = Stitcher(shapes)
     s.add(amaps, coords)
     return s.maps()
+
+
+def aggregate_windows(
+    scores: Tensor,
+    image_index: Tensor,
+    n_images: int,
+    rule: str = "max",
+    top_k: int = 3,
+    all_rules: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Window scores (N,) -> B-scan scores (n_images,) float64 by ``rule``: ``max``, ``mean`` or
+    ``topk`` (the mean of the ``top_k`` highest windows, all of them when fewer). B-scans with
+    no window are NaN. ``all_rules``: also every rule's scores as ``{"window_<rule>": ...}``
+    (``window_top<k>`` for topk), for choosing the rule on validation AUROC."""
+    s = scores.detach().double().cpu()
+    idx = image_index.detach().long().cpu()
+    order = torch.argsort(s, descending=True, stable=True)  # by score, descending
+    order = order[torch.argsort(idx[order], stable=True)]  # then by B-scan: each block sorted
+    s_sorted, i_sorted = s[order], idx[order]
+    counts = torch.bincount(idx, minlength=n_images)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(s)) - starts[i_sorted]  # 0 = the B-scan's highest window
+
+    def by(name: str) -> Tensor:
+        out = torch.full((n_images,), float("nan"), dtype=torch.float64)
+        if name == "max":
+            sel = rank == 0
+            out[i_sorted[sel]] = s_sorted[sel]
+            return out
+        sel = rank < top_k if name == "topk" else torch.ones_like(rank, dtype=torch.bool)
+        total = torch.zeros(n_images, dtype=torch.float64).index_add_(
+            0, i_sorted[sel], s_sorted[sel]
+        )
+        num = torch.bincount(i_sorted[sel], minlength=n_images).double()
+        has = num > 0
+        out[has] = total[has] / num[has]
+        return out
+
+    if rule not in ("max", "mean", "topk"):
+        raise ValueError(f"aggregation rule {rule!r}; expected max, mean or topk")
+    extra = {}
+    if all_rules:
+        extra = {
+            f"window_{'top' + str(top_k) if r == 'topk' else r}": by(r)
+            for r in ("max", "topk", "mean")
+        }
+    return by(rule), extra
 
 
 def pad_stack(arrays: list[np.ndarray | None], shape: tuple[int, int, int]) -> np.ndarray:
@@ -204,18 +252,68 @@ def best_dice(
     return float(dice[k]), lo + k * (hi - lo) / n_bins
 
 
+def aupro(maps, masks, fpr_limit: float = 0.3, n_steps: int = 200) -> tuple[float, int]:
+    """(AUPRO, number of regions): the area under the per-region overlap curve up to a
+    background false-positive rate of ``fpr_limit``, divided by ``fpr_limit`` (Bergmann et al.,
+    MVTec AD, CVPR 2019 / IJCV 2021). A region is a connected lesion component (8-connected) of
+    one image's mask; its overlap at threshold t is the fraction of its covered pixels scoring
+    >= t, and the curve averages regions, so a small fluid pocket counts as much as a large one.
+    maps (n, H, W) with NaN = uncovered; masks of the same shape. NaN without regions."""
+    from scipy.ndimage import label
+
+    maps, masks = _np(maps).astype(np.float64), _np(masks) != 0
+    if maps.ndim == 2:
+        maps, masks = maps[None], masks[None]
+    covered = ~np.isnan(maps)
+    bg = np.sort(maps[covered & ~masks])[::-1]
+    regions = []
+    for m, a, c in zip(masks, maps, covered, strict=True):
+        lab, n = label(m & c, structure=np.ones((3, 3)))
+        for k in range(1, n + 1):
+            regions.append(np.sort(a[lab == k]))
+    if not regions or not len(bg):
+        return math.nan, len(regions)
+    # candidate thresholds: background quantiles at nominal FPRs up to the limit, then the
+    # actual FPR of each (ties make it jump), the curve cut at the limit by interpolation
+    nominal = np.linspace(0.0, fpr_limit, n_steps + 1)[1:]
+    q = bg[np.minimum((nominal * len(bg)).astype(np.int64), len(bg) - 1)]
+    # each quantile and the value just above it: a tied block of background scores is either
+    # all above the threshold or all below
+    t = np.unique(np.r_[np.inf, q, np.nextafter(q, np.inf)])[::-1]  # descending: FPR rises
+    asc = bg[::-1]
+    fpr = (len(bg) - np.searchsorted(asc, t, side="left")) / len(bg)  # P(background >= t)
+    pro = np.zeros(len(t))
+    for r in regions:
+        pro += (len(r) - np.searchsorted(r, t, side="left")) / len(r)
+    pro /= len(regions)
+    inside = fpr <= fpr_limit
+    f, p = fpr[inside], pro[inside]
+    if not inside.all():  # the segment that crosses the limit, interpolated at it
+        j = int(np.argmax(~inside))
+        w = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        f = np.r_[f, fpr_limit]
+        p = np.r_[p, pro[j - 1] + w * (pro[j] - pro[j - 1])]
+    area = float(((p[1:] + p[:-1]) * 0.5 * np.diff(f)).sum())  # trapezoids
+    return area / fpr_limit, len(regions)
+
+
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, prefix: str = "test") -> dict[str, float]:
-    """``{prefix}/pixel_auroc``, ``{prefix}/pixel_best_dice``, ``..._threshold`` and the covered
-    pixel count from stitched maps (NaN = uncovered) and masks of the same shape."""
+    """``{prefix}/pixel_auroc``, ``{prefix}/pixel_best_dice``, ``..._threshold``,
+    ``{prefix}/pixel_aupro`` (per-region overlap up to 30% FPR, :func:`aupro`), the region count
+    and the covered pixel count from stitched maps (NaN = uncovered) and masks of the same
+    shape."""
     maps, masks = _np(maps), _np(masks)
     if maps.shape != masks.shape:
         raise ValueError(f"maps {maps.shape} and masks {masks.shape} differ in shape")
     dice, threshold = best_dice(maps, masks)
     covered = ~np.isnan(maps)
+    pro, n_regions = aupro(maps, masks)
     return {
         f"{prefix}/pixel_auroc": pixel_auroc(maps, masks),
         f"{prefix}/pixel_best_dice": dice,
         f"{prefix}/pixel_best_dice_threshold": threshold,
+        f"{prefix}/pixel_aupro": pro,
+        f"{prefix}/pixel_regions": float(n_regions),
         f"{prefix}/pixel_count": float(covered.sum()),
         f"{prefix}/pixel_lesion_count": float((masks[covered] != 0).sum()),
     }
@@ -290,6 +388,10 @@ def write_overlays(
     area = masks.reshape(len(masks), -1).sum(axis=1)
     sick = [int(i) for i in np.argsort(-area, kind="stable") if area[i] > 0][: (n + 1) // 2]
     well = [i for i in range(len(masks)) if area[i] == 0][: n - len(sick)]
+    if not sick and len(maps):  # no masks (whole-scan windows): highest and lowest map peaks
+        peak = np.nan_to_num(np.nanmax(maps.reshape(len(maps), -1), axis=1), nan=-np.inf)
+        order = [int(i) for i in np.argsort(-peak, kind="stable")]
+        well = list(dict.fromkeys(order[: (n + 1) // 2] + order[::-1][: n // 2]))
     covered = maps[~np.isnan(maps)]
     vmax = float(np.percentile(covered, 99)) if covered.size else 1.0
     paths = []

@@ -44,13 +44,15 @@ in DataLoader worker processes stay there; the collate logs those).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,6 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from anogan_lightning.data import preprocess as pp
 from anogan_lightning.data.base import AnomalyDataModule
 from anogan_lightning.data.preprocess import fill_mask, flatten_bscan
 from anogan_lightning.data.transforms import (
@@ -117,6 +120,7 @@ def split_by_patient(
     val_normal: int,
     val_abnormal: int,
     seed: int,
+    group_of: Callable[[Path], str | None] = patient_id,
 ) -> tuple[list[Path], list[Path], list[Path]]:
     """Seeded patient-disjoint hold-out: (train NORMAL, val NORMAL, val disease) paths.
 
@@ -125,11 +129,13 @@ def split_by_patient(
     patient taken may be cut to hit the count exactly; its remaining scans are not used. Train is
     the NORMAL images of every patient not in val. ``val_abnormal`` is capped at the disease
     images available and ``val_normal`` at half the NORMAL images, each with one warning.
+    ``group_of`` gives a file's patient (default: the ``CLASS-PATIENT-N`` number; None: the
+    file is a group of its own).
     """
     groups: dict[str, tuple[list[Path], list[Path]]] = defaultdict(lambda: ([], []))
     for i, paths in enumerate((normal, abnormal)):
         for p in paths:
-            pid = patient_id(p)
+            pid = group_of(p)
             groups[f"patient {pid}" if pid is not None else f"file {p}"][i].append(p)
     keys = sorted(groups)
     keys = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
@@ -181,8 +187,14 @@ def read_image(
     rotated scan are set to the scan's dark background (10th percentile of its other pixels).
     ``flatten``: every column is shifted so the detected Bruch's membrane is a straight row
     (:func:`anogan_lightning.data.preprocess.flatten_bscan`). Both work on the scan decoded at
-    no less than twice the output height, before the resize.
+    no less than twice the output height, before the resize. ``resize="retina"`` has no strip
+    of this kind (its scans are bands of windows): :class:`RetinaBScanDataset` reads those.
     """
+    if resize not in ("crop", "squash"):
+        raise ValueError(
+            f"read_image: resize={resize!r} is not a single-image policy; retina-normalised "
+            "scans are scored as whole-scan windows (RetinaBScanDataset)"
+        )
     with Image.open(path) as img:
         if flatten or fill_white:
             if img.format == "JPEG":
@@ -289,6 +301,255 @@ class KermanyDataset(Dataset):
         return {"x": x, "label": int(self.labels[i]), "id": str(self.paths[i])}
 
 
+# ------------------------------------------------------------------------------ retina windows
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """A B-scan file as uint8 grayscale (H, W), full resolution."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"))
+
+
+def read_mask_image(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """A mask image as uint8 {0, 1} (non-zero = lesion); ValueError naming it if its shape
+    differs from the scan's ``shape``."""
+    with Image.open(path) as img:
+        m = np.asarray(img.convert("L")) != 0
+    if m.shape != tuple(shape):
+        raise ValueError(
+            f"mask {path} is {m.shape[0]}x{m.shape[1]}, its scan {shape[0]}x{shape[1]}"
+        )
+    return m.astype(np.uint8)
+
+
+def window_starts(length: int, size: int, stride: int) -> np.ndarray:
+    """Window starts covering ``length`` (the last flush with the end); [0] when it fits once."""
+    if length <= size:
+        return np.zeros(1, dtype=np.int64)
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return np.array(starts, dtype=np.int64)
+
+
+AGGREGATIONS = ("max", "mean", "topk")
+
+
+class RetinaBScanDataset(Dataset):
+    """Retina-normalised B-scans (:func:`anogan_lightning.data.preprocess.normalize_bscan`) as
+    ``image_size`` windows.
+
+    ``mode``: ``"random"`` (training: one window per B-scan and item, anywhere in the band,
+    position from torch's RNG), ``"center"`` (the centre window) or ``"grid"`` (val/test: every
+    window, ``stride`` apart and flush with the band's edges, one item each). Items: ``x``
+    (1, S, S) in [-1, 1], ``label`` and ``id`` (grid: ``"<file>:y<row>:x<col>"``), ``coords``
+    (3,) = (B-scan index, y, x) and ``mask`` (1, S, S) where the scans have masks. Grid windows
+    are scored one by one and aggregated into a B-scan score by the method's base class
+    (``aggregate``: max, mean or the mean of the ``top_k`` highest) and their maps stitched
+    into one map per B-scan (:class:`anogan_lightning.pixel_eval.Stitcher`, through
+    ``image_shapes``, ``image_ids``, :meth:`image`, :meth:`image_mask`).
+
+    Every scan is normalised once by :meth:`preload` (threads; kept as uint8 bands, or read
+    from ``cache_dir`` when the files and settings are unchanged). A scan that fails (unreadable,
+    :class:`~anogan_lightning.data.preprocess.RetinaNotFoundError`, a mask of another size) is
+    skipped with a warning naming the file and the reason, and counted in ``n_skipped``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        image_size: int,
+        retina: pp.RetinaNorm,
+        mode: str = "grid",
+        masks: Sequence[Path | None] | None = None,
+        stride: int | None = None,
+        aggregate: str = "max",
+        top_k: int = 3,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if mode not in ("random", "center", "grid"):
+            raise ValueError(f"mode={mode!r}; expected random, center or grid")
+        if aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate={aggregate!r}; expected one of {AGGREGATIONS}")
+        if retina.height < image_size:
+            raise ValueError(f"retina.height={retina.height} < image_size={image_size}")
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.classes = list(classes)
+        self.masks = list(masks) if masks is not None else [None] * len(self.paths)
+        assert len(self.paths) == len(self.labels) == len(self.classes) == len(self.masks)
+        self.image_size = image_size
+        self.retina = retina
+        self.mode = mode
+        self.stride = stride or max(1, image_size // 2)
+        self.aggregate = aggregate if mode == "grid" else None  # read by AnomalyModule
+        self.top_k = top_k
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.has_mask = any(m is not None for m in self.masks)
+        self.n_skipped = 0
+        self.failures: list[str] = []
+        self._bands: np.ndarray | None = None  # (height, sum of widths) uint8
+        self._masks: np.ndarray | None = None
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self._windows = np.zeros((0, 3), dtype=np.int64)  # grid: (image, y, x)
+
+    # -- preprocessing, once ------------------------------------------------------------------
+    def _prepare(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | str:
+        path, mpath = self.paths[i], self.masks[i]
+        try:
+            a = read_gray(path)
+            r = pp.normalize_bscan(a, self.retina, name=str(path))
+            band = np.round((r.band + 1.0) * 127.5).astype(np.uint8)
+            mask = r.apply(read_mask_image(mpath, a.shape)) if mpath is not None else None
+            return band, mask
+        except pp.RetinaNotFoundError as e:
+            return str(e)
+        except Exception as e:  # any decoder error: one bad file must not stop the run
+            return f"{path}: unreadable ({type(e).__name__}: {e})"
+
+    def _cache_key(self) -> str:
+        sig = []
+        for p, m in zip(self.paths, self.masks, strict=True):
+            for f in (p, m):
+                st = f.stat() if f is not None and f.exists() else None
+                sig.append(None if st is None else [str(f.resolve()), st.st_size, st.st_mtime_ns])
+        blob = json.dumps({"v": 1, "files": sig, "retina": self.retina.key()}, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+    def preload(self, name: str = "", threads: int | None = None) -> None:
+        """Normalise every scan once (or load the cached result); failures dropped (warned,
+        counted). Builds the grid of windows for ``mode="grid"``."""
+        cached = None
+        if self.cache_dir is not None:
+            cached = self.cache_dir / f"bscans-{self._cache_key()}.npz"
+        if cached is not None and cached.is_file():
+            z = np.load(cached, allow_pickle=False)
+            keep, bands, offsets = z["keep"].tolist(), z["bands"], z["offsets"]
+            masks = z["masks"] if "masks" in z.files else None
+            failures = [str(f) for f in z["failures"]]
+            log.info("bscans %s: %d normalised scans from the cache %s", name, len(keep), cached)
+        else:
+            threads = threads or min(8, os.cpu_count() or 1)
+            with ThreadPoolExecutor(threads) as pool:  # PIL and numpy release the GIL
+                results = list(pool.map(self._prepare, range(len(self.paths))))
+            keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+            failures = [r for r in results if isinstance(r, str)]
+            kept = [results[i] for i in keep]
+            h = self.retina.height
+            bands = (
+                np.concatenate([b for b, _ in kept], axis=1) if kept else np.zeros((h, 0), np.uint8)
+            )
+            widths = [b.shape[1] for b, _ in kept]
+            offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
+            masks = None
+            if self.has_mask and kept:
+                masks = np.concatenate(
+                    [m if m is not None else np.zeros_like(b) for b, m in kept], axis=1
+                )
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".tmp-{os.getpid()}.npz")
+                extra = {"masks": masks} if masks is not None else {}
+                np.savez(
+                    tmp,
+                    keep=np.array(keep, dtype=np.int64),
+                    bands=bands,
+                    offsets=offsets,
+                    failures=np.array(failures, dtype=str),
+                    **extra,
+                )
+                tmp.replace(cached)
+        for f in failures:
+            warnings.warn(f"skipping B-scan {f}", stacklevel=2)
+        self.failures = failures
+        self.n_skipped = len(failures)
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = self.labels[keep]
+        self.classes = [self.classes[i] for i in keep]
+        self.masks = [self.masks[i] for i in keep]
+        self._bands, self._masks, self._offsets = bands, masks, offsets
+        if self.mode == "grid":
+            s, rows = self.image_size, []
+            for i, (h, w) in enumerate(self.image_shapes):
+                for y in window_starts(int(h), s, self.stride):
+                    for x in window_starts(int(w), s, self.stride):
+                        rows.append((i, y, x))
+            self._windows = np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+    # -- the B-scans, for aggregation, stitching and figures ----------------------------------
+    def _require(self) -> None:
+        if self._bands is None:
+            raise RuntimeError(
+                "RetinaBScanDataset: call preload() first (the scans are normalised once)"
+            )
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [str(p) for p in self.paths]
+
+    @property
+    def image_labels(self) -> torch.Tensor:
+        return self.labels
+
+    @property
+    def image_shapes(self) -> np.ndarray:
+        """(n_images, 2) rows and columns of each normalised band (widths >= image_size)."""
+        self._require()
+        w = np.maximum(np.diff(self._offsets), self.image_size)
+        return np.stack([np.full(len(w), self.retina.height), w], axis=1).astype(np.int64)
+
+    def _band(self, arr: np.ndarray, i: int) -> np.ndarray:
+        a = arr[:, self._offsets[i] : self._offsets[i + 1]]
+        return pad_width(a, self.image_size)  # narrow bands: padded (background) to one window
+
+    def image(self, i: int) -> np.ndarray:
+        """Normalised band of B-scan ``i``: (height, W') float32 in [-1, 1]."""
+        self._require()
+        return to_unit_range(self._band(self._bands, i))
+
+    def image_mask(self, i: int) -> np.ndarray | None:
+        """(height, W') uint8 lesion mask of B-scan ``i`` in band coordinates, or None."""
+        if self._masks is None or self.masks[i] is None:
+            return None
+        return self._band(self._masks, i)
+
+    # -- items --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        self._require()
+        return len(self._windows) if self.mode == "grid" else len(self.paths)
+
+    def __getitem__(self, k: int) -> dict:
+        self._require()
+        s = self.image_size
+        if self.mode == "grid":
+            i, y, x = (int(v) for v in self._windows[k])
+        else:
+            i = k
+            h, w = (int(v) for v in self.image_shapes[i])
+            if self.mode == "random":
+                y = int(torch.randint(h - s + 1, ()))
+                x = int(torch.randint(w - s + 1, ()))
+            else:
+                y, x = (h - s) // 2, (w - s) // 2
+        band = self._band(self._bands, i)
+        item = {
+            "x": torch.from_numpy(to_unit_range(band[y : y + s, x : x + s]))[None],
+            "label": int(self.labels[i]),
+            "id": f"{self.paths[i]}:y{y}:x{x}" if self.mode == "grid" else str(self.paths[i]),
+            "coords": torch.tensor([i, y, x], dtype=torch.long),
+        }
+        if self.has_mask:
+            m = (
+                self._band(self._masks, i)[y : y + s, x : x + s]
+                if self._masks is not None
+                else None
+            )
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None]
+        return item
+
+
 class KermanyDataModule(AnomalyDataModule):
     """Kermany OCT2017 with the Sparse-GAN protocol; see the module docstring."""
 
@@ -304,6 +565,11 @@ class KermanyDataModule(AnomalyDataModule):
         preload: bool = True,
         flatten: bool = False,
         fill_white: bool = FILL_WHITE,
+        retina: dict | None = None,
+        window_stride: int | None = None,
+        aggregate: str = "max",
+        top_k: int = 3,
+        cache_dir: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -312,9 +578,10 @@ class KermanyDataModule(AnomalyDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, eval_batch_size, num_workers, pin_memory)
         for arg, value, allowed in (
-            ("val_from", val_from, ("train", "val")),
-            ("resize", resize, ("crop", "squash")),
+            ("val_from", val_from, self.VAL_FROM),
+            ("resize", resize, ("retina", "crop", "squash")),
             ("train_crop", train_crop, ("random", "center")),
+            ("aggregate", aggregate, AGGREGATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{arg}={value!r}; expected one of {allowed}")
@@ -330,7 +597,22 @@ class KermanyDataModule(AnomalyDataModule):
         self.preload = preload
         self.flatten = flatten
         self.fill_white = fill_white
+        retina = dict(retina or {})
+        if "intensity_percentiles" in retina and retina["intensity_percentiles"] is not None:
+            retina["intensity_percentiles"] = tuple(retina["intensity_percentiles"])
+        try:
+            self.retina = pp.RetinaNorm(**{"fill_white": fill_white, **retina})
+        except TypeError as e:
+            raise ValueError(f"retina: {e} (keys: RetinaNorm's fields)") from None
+        if resize == "retina" and not preload:
+            raise ValueError("resize='retina' normalises every scan once: it needs preload=true")
+        self.window_stride = window_stride
+        self.aggregate = aggregate
+        self.top_k = top_k
+        self.cache_dir = cache_dir
         self.seed = seed
+
+    VAL_FROM: tuple[str, ...] = ("train", "val")
 
     @property
     def n_skipped(self) -> int:
@@ -338,10 +620,29 @@ class KermanyDataModule(AnomalyDataModule):
         sets = (self.train_set, self.val_set, self.test_set)
         return sum(ds.n_skipped for ds in sets if ds is not None)
 
-    def _dataset(self, items: list[tuple[Path, str]], crop: str) -> KermanyDataset:
+    def _dataset(
+        self, items: list[tuple[Path, str]], crop: str, masks: list[Path | None] | None = None
+    ) -> KermanyDataset | RetinaBScanDataset:
+        """``crop``: "random"/"center" for training, "grid" for val/test (every window with
+        ``resize="retina"``, the centre crop otherwise)."""
         paths = [p for p, _ in items]
         classes = [c for _, c in items]
         labels = [0 if _is_normal(c) else 1 for c in classes]
+        if self.resize == "retina":
+            return RetinaBScanDataset(
+                paths,
+                labels,
+                classes,
+                self.image_size,
+                self.retina,
+                crop,
+                masks,
+                self.window_stride,
+                self.aggregate,
+                self.top_k,
+                self.cache_dir,
+            )
+        crop = "center" if crop == "grid" else crop
         return KermanyDataset(
             paths,
             labels,
@@ -359,6 +660,9 @@ class KermanyDataModule(AnomalyDataModule):
             hint = " (val_from='val' needs it; use val_from='train')" if name == "val" else ""
             raise FileNotFoundError(f"Kermany split folder {d} does not exist{hint}")
         return d
+
+    def _check_layout(self) -> None:
+        self._split_dir("test")
 
     def _setup_fit(self) -> None:
         train_dir = self._split_dir("train")
@@ -381,21 +685,21 @@ class KermanyDataModule(AnomalyDataModule):
                 raise ValueError(f"no NORMAL images of {train_dir} are left for training")
             val = [(p, cls[p]) for p in val_no + val_ab]
         self.train_set = self._dataset([(p, cls[p]) for p in train], self.train_crop)
-        self.val_set = self._dataset(val, "center")
+        self.val_set = self._dataset(val, "grid")
 
     def _setup_test(self) -> None:
         items = [(p, c) for c, ps in list_split(self._split_dir("test")).items() for p in ps]
-        self.test_set = self._dataset(items, "center")
+        self.test_set = self._dataset(items, "grid")
 
     def setup(self, stage: str | None = None) -> None:
         """Index the splits ``stage`` needs (fit/validate: train+val; test/predict: test)."""
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Kermany root {self.root} does not exist (set data.root)")
+            raise FileNotFoundError(f"data root {self.root} does not exist (set data.root)")
         t0 = time.perf_counter()
         fit = stage in (None, "fit", "validate")
         test = stage in (None, "test", "predict")
         if stage == "fit":
-            self._split_dir("test")  # fail now rather than after training
+            self._check_layout()  # fail now rather than after training
         new = []
         if fit and self.train_set is None:
             self._setup_fit()
@@ -412,7 +716,14 @@ class KermanyDataModule(AnomalyDataModule):
             counts = defaultdict(int)
             for c in ds.classes:
                 counts[c] += 1
-            log.info("kermany %s: %d images %s", name, len(ds), dict(sorted(counts.items())))
+            windows = f", {len(ds)} windows" if getattr(ds, "aggregate", None) else ""
+            log.info(
+                "kermany %s: %d images%s %s",
+                name,
+                len(ds.classes),
+                windows,
+                dict(sorted(counts.items())),
+            )
         if self.n_skipped:
-            log.warning("kermany: skipped %d unreadable image(s)", self.n_skipped)
+            log.warning("kermany: skipped %d unreadable or failed image(s)", self.n_skipped)
         log.info("kermany setup(%s) took %.1f s", stage, time.perf_counter() - t0)

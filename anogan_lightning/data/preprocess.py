@@ -30,6 +30,12 @@ Pipeline per volume, arrays (n B-scans, rows, columns):
    :func:`extract_patches`; :func:`patch_labels` (1 when any mask pixel lies in the patch).
 
 :func:`flatten_bscan` applies 3-4 to one 2-D B-scan (e.g. a Kermany JPEG) keeping its shape.
+
+:func:`normalize_bscan` is the retina normalisation of one 2-D B-scan (Kermany, a folder of
+B-scans, a volume's B-scans): :func:`detect_retina` (3 on a binned copy, with per-scan failure
+checks raising :class:`RetinaNotFoundError`), flattening as 4, a band defined by the anatomy
+(ILM/BM plus margins) or a physical depth, resampled to a fixed height and column size, and
+percentile intensity normalisation as 1; settings in :class:`RetinaNorm`.
 Detection lengths (:class:`BoundaryParams`) are in pixels of a reference B-scan of 496 rows
 (~3.9 µm) and 11.5 µm columns; :meth:`BoundaryParams.scaled` adapts them to other samplings.
 """
@@ -37,6 +43,7 @@ Detection lengths (:class:`BoundaryParams`) are in pixels of a reference B-scan 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
@@ -64,10 +71,12 @@ def normalize_intensity(
     return np.clip(out, -1.0, 1.0, out=out)
 
 
+@lru_cache(maxsize=64)
 def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_in, n_out) float32 weights: ``row @ M`` resamples a row of ``n_in`` samples to
     ``n_out``. Shrinking averages the input over each output pixel's footprint (exact area
-    weights, columns sum to 1); growing interpolates linearly between pixel centres."""
+    weights, columns sum to 1); growing interpolates linearly between pixel centres.
+    Cached (B-scans of one device share their sizes) and read-only."""
     if n_in < 1 or n_out < 1:
         raise ValueError(f"cannot resample {n_in} columns to {n_out}")
     f = n_in / n_out
@@ -85,7 +94,9 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
         cols = np.arange(n_out)
         np.add.at(m, (i0, cols), 1 - frac)
         np.add.at(m, (i1, cols), frac)
-    return m.astype(np.float32)
+    m = m.astype(np.float32)
+    m.flags.writeable = False
+    return m
 
 
 def resampled_width(n_cols: int, spacing_x_um: float, target_spacing_x_um: float) -> int:
@@ -128,6 +139,13 @@ def min_cost_path(
         allowed: bool mask like ``cost``; the path avoids forbidden pixels where it can.
 
     A dynamic programme over columns, vectorised over images and rows: O(n·H·W·(2·max_jump+1)).
+
+    Why not ``skimage.graph`` (``route_through_array`` / ``MCP`` with column-advancing offsets
+    ``(-max_jump..max_jump, 1)``): with ``jump_penalty=0`` it finds the same path (checked in
+    tests/test_bscan_preprocess.py), but it cannot add a per-row-of-change cost (only
+    ``MCP_Flexible`` with a Python callback could, far slower), it needs non-negative costs,
+    it does not batch B-scans, and it is an order of magnitude slower on a B-scan-sized cost
+    image (``benchmarks/preprocess.py`` times both).
     """
     squeeze = cost.ndim == 2
     c = np.asarray(cost, dtype=np.float32)
@@ -138,32 +156,26 @@ def min_cost_path(
         c = np.where(allowed, c, _BIG)
     n, h, w = c.shape
     k = 2 * max_jump + 1
-    penalty = [np.float32(jump_penalty * abs(j - max_jump)) for j in range(k)]
+    penalty = (jump_penalty * np.abs(np.arange(k) - max_jump)).astype(np.float32)[:, None, None]
     back = np.empty((w, n, h), dtype=np.int8)  # row offset to the previous column
     padded = np.full((n, h + 2 * max_jump), 2 * _BIG, dtype=np.float32)
     inner = padded[:, max_jump : max_jump + h]
     # window[j] = acc shifted by j - max_jump rows: a view, refreshed when ``inner`` is written
     s0, s1 = padded.strides
     window = as_strided(padded, shape=(k, n, h), strides=(s1, s0, s1), writeable=False)
+    cand = np.empty((k, n, h), dtype=np.float32)
     best = np.empty((n, h), dtype=np.float32)
-    cand = np.empty_like(best)
-    better = np.empty((n, h), dtype=bool)
-    arg = np.empty((n, h), dtype=np.int8)
     inner[:] = c[:, :, 0]
     for x in range(1, w):
-        # min and argmin over the k shifts, elementwise and in place (numpy's argmin over a short
-        # axis is several times slower)
-        np.add(window[0], penalty[0], out=best)
-        arg.fill(0)
-        for j in range(1, k):
-            np.add(window[j], penalty[j], out=cand)
-            np.less(cand, best, out=better)
-            np.copyto(best, cand, where=better)
-            np.copyto(arg, j, where=better)
+        # all k shifts at once, then min and argmin over them: a handful of numpy calls per
+        # column rather than four per shift (call overhead dominates on one B-scan); argmin
+        # keeps the first minimum, the smallest offset, as a strict "<" over the shifts would
+        np.add(window, penalty, out=cand)
+        back[x] = cand.argmin(axis=0)
+        cand.min(axis=0, out=best)
         best += c[:, :, x]
         best -= best.min(axis=1, keepdims=True)  # keeps float32 sums small and precise
         inner[:] = best
-        back[x] = arg
     back -= max_jump
     acc = inner
     rows = np.empty((n, w), dtype=np.int64)
@@ -330,12 +342,14 @@ def fill_mask(img: np.ndarray, fill_min: int = 250, min_run: int = 1) -> np.ndar
     near-white throughout: the fill that registration leaves in Kermany/Spectralis exports."""
     white = img >= fill_min
     h = img.shape[0]
-    top = np.cumprod(white, axis=0).astype(bool)  # leading white run from the top
-    bottom = np.cumprod(white[::-1], axis=0)[::-1].astype(bool)
-    top &= top.sum(axis=0, keepdims=True) >= min_run
-    bottom &= bottom.sum(axis=0, keepdims=True) >= min_run
-    fill = top | bottom
-    fill |= white.mean(axis=0, keepdims=True) > 0.9 * np.ones((h, 1), bool)
+    rows = np.arange(h)[:, None]
+    everywhere = white.all(axis=0)
+    # lengths of the leading white runs from the top and the bottom (argmin: the first dark row)
+    n_top = np.where(everywhere, h, np.argmin(white, axis=0))
+    n_bottom = np.where(everywhere, h, np.argmin(white[::-1], axis=0))
+    fill = (rows < n_top) & (n_top >= min_run)
+    fill |= (rows >= h - n_bottom) & (n_bottom >= min_run)
+    fill |= (white.mean(axis=0) > 0.9)[None, :]
     return ~fill
 
 
@@ -381,6 +395,315 @@ def flatten_bscan(
     target = int(np.round(np.median(bm)))
     out = shift_columns(img, bm - target, h)
     return (out, bm) if return_bm else out
+
+
+# ------------------------------------------------------------------------------ retina-normalised B-scans
+
+
+class RetinaNotFoundError(ValueError):
+    """:func:`normalize_bscan` found no plausible retina in a B-scan; the message says why."""
+
+
+BAND_MODES = ("anatomy", "depth", "frame")
+
+
+@dataclass(frozen=True)
+class RetinaNorm:
+    """Settings of :func:`normalize_bscan`; each step can be switched off.
+
+    Band (rows kept, before the resample to ``height`` rows):
+
+    - ``"anatomy"``: from ``above_ilm`` x the median retina thickness above the ILM's highest
+      point (its 2nd percentile) to ``below_bm`` x that thickness under BM (98th percentile
+      without flattening): no spacing needed, so scans of any device put the retina at the same
+      place and scale.
+    - ``"depth"``: a fixed physical depth, ``depth_um`` above to ``below_bm_um`` below BM;
+      needs the row spacing (``spacing_y_um`` or the file's), so retinal thickness is kept.
+    - ``"frame"``: every row of the scan.
+
+    Columns: resampled to ``target_spacing_x_um`` when it and the column spacing
+    (``spacing_x_um`` or the file's) are known, else scaled by ``x_scale`` (output columns per
+    input column): a fixed lateral pixel size either way, never one that depends on the scan.
+    """
+
+    height: int = 64
+    band: str = "anatomy"
+    above_ilm: float = 0.25
+    below_bm: float = 0.25
+    depth_um: float = 500.0
+    below_bm_um: float = 120.0
+    flatten: bool = True
+    spacing_y_um: float | None = None
+    spacing_x_um: float | None = None
+    target_spacing_x_um: float | None = None
+    x_scale: float = 0.5
+    intensity_percentiles: tuple[float, float] | None = (1.0, 99.5)
+    fill_white: bool = True  # uint8 scans: registration fill is no evidence, becomes background
+    check: bool = True  # the failure checks below (off: every scan passes)
+    min_thickness: float = 0.06  # median ILM-BM distance, fraction of the frame's rows
+    min_contrast: float = 0.08  # retina minus vitreous median, fraction of the intensity range
+    max_off_frame: float = 0.25  # fraction of columns whose ILM or BM touches the frame's edge
+    max_columns: int = 128  # detection runs on columns binned to at most this many
+    detect_rows: int = 512  # ... and rows binned to about this many (then refined on full rows)
+
+    def __post_init__(self) -> None:
+        if self.band not in BAND_MODES:
+            raise ValueError(f"band={self.band!r}; expected one of {BAND_MODES}")
+        if self.height < 1 or self.x_scale <= 0 or self.max_columns < 8:
+            raise ValueError("height >= 1, x_scale > 0 and max_columns >= 8 are required")
+        p = self.intensity_percentiles
+        if p is not None and not 0 <= p[0] < p[1] <= 100:
+            raise ValueError(f"intensity_percentiles={p}: need 0 <= lo < hi <= 100")
+
+    def key(self) -> dict:
+        """Every setting, for cache keys."""
+        d = dict(self.__dict__)
+        if d["intensity_percentiles"] is not None:
+            d["intensity_percentiles"] = [float(v) for v in d["intensity_percentiles"]]
+        return d
+
+
+@dataclass
+class NormalizedBScan:
+    """One retina-normalised B-scan (:func:`normalize_bscan`).
+
+    ``band`` (height, W') float32 in [-1, 1]; ``valid`` (height, W') bool, False where the band
+    reaches beyond the scan or into registration fill (set to the background); ``ilm``/``bm``
+    (W',) float rows in the band; ``ilm_in``/``bm_in`` (W,) rows in the input scan.
+    :meth:`apply` maps a mask of the input scan onto the band the same way.
+    """
+
+    band: np.ndarray
+    valid: np.ndarray
+    ilm: np.ndarray
+    bm: np.ndarray
+    ilm_in: np.ndarray
+    bm_in: np.ndarray
+    shifts: np.ndarray  # (W,) int64: input row = band row (before the row resample) + top + shift
+    top: int
+    rows: int  # input rows of the band before the resample
+    row_matrix: np.ndarray  # (rows, height) resample weights
+    col_matrix: np.ndarray | None  # (W, W') resample weights; None: columns kept
+
+    def apply(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) mask of the input scan -> (height, W') uint8 in the band (a pixel is a lesion
+        where lesion pixels cover at least half of it)."""
+        m = _gather_band(
+            (np.asarray(mask) != 0).astype(np.float32), self.shifts, self.top, self.rows
+        )[0]
+        m = self.row_matrix.T @ m
+        if self.col_matrix is not None:
+            m = m @ self.col_matrix
+        return (m >= 0.5).astype(np.uint8)
+
+
+def _gather_band(
+    a: np.ndarray, shifts: np.ndarray, top: int, rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """out[r, c] = a[top + r + shifts[c], c] for r < rows, and whether that row is in the scan."""
+    h = a.shape[0]
+    src = top + np.arange(rows)[:, None] + shifts[None, :]
+    inside = (src >= 0) & (src < h)
+    np.clip(src, 0, h - 1, out=src)
+    return np.take_along_axis(a, src, axis=0), inside
+
+
+def _bin2d(x: np.ndarray, valid: np.ndarray | None, fy: int, fx: int):
+    """Block means over (fy, fx) pixels, edge-padded; invalid pixels left out. -> (x, valid)."""
+    h, w = x.shape
+    py, px = (-h) % fy, (-w) % fx
+    if py or px:
+        x = np.pad(x, ((0, py), (0, px)), mode="edge")
+        valid = None if valid is None else np.pad(valid, ((0, py), (0, px)), mode="edge")
+    shape = (x.shape[0] // fy, fy, x.shape[1] // fx, fx)
+    if valid is None:
+        return x.reshape(shape).mean(axis=(1, 3), dtype=np.float32), None
+    v = valid.reshape(shape)
+    n = v.sum(axis=(1, 3))
+    s = (x.reshape(shape) * v).sum(axis=(1, 3), dtype=np.float32)
+    return np.where(n > 0, s / np.maximum(n, 1), -1.0).astype(np.float32), n * 2 > fy * fx
+
+
+def _refine(g: np.ndarray, coarse: np.ndarray, radius: int, sign: float) -> np.ndarray:
+    """Per column, the row within ``radius`` of ``coarse`` where ``sign * g`` is largest."""
+    h = g.shape[0]
+    offsets = np.arange(-radius, radius + 1)
+    rows = np.clip(np.round(coarse).astype(np.int64)[None, :] + offsets[:, None], 0, h - 1)
+    vals = np.take_along_axis(g, rows, axis=0) * sign
+    return rows[np.argmax(vals, axis=0), np.arange(g.shape[1])]
+
+
+def _fail(name: str, why: str) -> RetinaNotFoundError:
+    return RetinaNotFoundError(f"{name}: {why}" if name else why)
+
+
+def detect_retina(
+    img: np.ndarray,
+    s: RetinaNorm | None = None,
+    spacing_y_um: float | None = None,
+    spacing_x_um: float | None = None,
+    name: str = "",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ILM and BM rows (W,) float64 of one B-scan (H, W), checked; and its valid mask.
+
+    Detection runs on a copy binned to about ``detect_rows`` rows and ``max_columns`` columns
+    (the minimum-cost paths cost one numpy pass per column, and their row jumps grow with the
+    row resolution), with :class:`BoundaryParams` scaled to that sampling; ILM and BM are then
+    refined to the strongest edge of the full-resolution rows within one bin and interpolated
+    to every column. Raises :class:`RetinaNotFoundError` (naming ``name``) when the checks of
+    ``s`` fail: a constant or mostly-fill scan, a median retina thinner than ``min_thickness``
+    of the frame, a retina not brighter than the vitreous above it by ``min_contrast``, or ILM
+    or BM on the frame's edge in more than ``max_off_frame`` of the columns.
+    """
+    s = s or RetinaNorm()
+    a = np.asarray(img)
+    if a.ndim != 2 or min(a.shape) < 16:
+        raise ValueError(f"{name}: expected a 2-D B-scan of at least 16x16, got {a.shape}")
+    h, w = a.shape
+    valid = fill_mask(a) if (s.fill_white and a.dtype == np.uint8) else None
+    if valid is not None and valid.mean() < 0.5:
+        raise _fail(name, f"{100 * (1 - valid.mean()):.0f}% of the scan is registration fill")
+    x = a.astype(np.float32)
+    sample = x[valid] if valid is not None else x
+    lo, hi = np.percentile(sample[:: max(1, sample.size // 50_000)], (0.5, 99.5))
+    if hi <= lo:
+        raise _fail(name, "constant image (no retina)")
+    x = np.clip((x - lo) * np.float32(2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
+
+    fy = max(1, round(h / s.detect_rows))
+    fx = max(1, -(-w // s.max_columns))
+    xc, vc = _bin2d(x, valid, fy, fx)
+    sy = spacing_y_um if spacing_y_um is not None else s.spacing_y_um
+    sx = spacing_x_um if spacing_x_um is not None else s.spacing_x_um
+    rows = (3.87 / sy if sy else h / 496) / fy  # x the reference rows per mm
+    cols = (11.5 / sx if sx else 1.0) / fx
+    params = BoundaryParams().scaled(rows=rows, cols=cols)
+    ilm_c, bm_c = detect_boundaries(xc, params, vc)
+    ilm_c = ilm_c * fy + (fy - 1) / 2
+    bm_c = bm_c * fy + (fy - 1) / 2
+    if fy > 1:  # refine on the full rows of the column-binned scan
+        xr, _ = _bin2d(x, valid, 1, fx)
+        g = _vertical_gradient(gaussian_filter(xr, (1.0, 1.0), mode="nearest")[None])[0]
+        bm_c = _refine(g, bm_c, fy, -1.0).astype(np.float64)  # bright above, dark below
+        ilm_c = _refine(g, ilm_c, fy, 1.0).astype(np.float64)  # dark above, bright below
+    centres = np.arange(len(bm_c)) * fx + (fx - 1) / 2
+    cols_all = np.arange(w)
+    ilm = np.interp(cols_all, centres, ilm_c)
+    bm = np.interp(cols_all, centres, bm_c)
+    if s.check:
+        _check_retina(xc, vc, ilm_c, bm_c, fy, h, s, name)
+    return ilm, bm, valid
+
+
+def _check_retina(xc, vc, ilm_c, bm_c, fy, h, s: RetinaNorm, name: str) -> None:
+    thickness = bm_c - ilm_c
+    med = float(np.median(thickness))
+    if med < s.min_thickness * h:
+        raise _fail(
+            name,
+            f"no retina found (median ILM-BM distance {med:.0f} rows, "
+            f"< min_thickness={s.min_thickness} of {h} rows)",
+        )
+    edge = max(2, fy)
+    off = float(np.mean((ilm_c <= edge) | (bm_c >= h - 1 - edge)))
+    if off > s.max_off_frame:
+        raise _fail(
+            name,
+            f"boundaries off the frame: ILM or BM on the edge in {100 * off:.0f}% of the columns "
+            f"(> max_off_frame={s.max_off_frame})",
+        )
+    r = np.arange(xc.shape[0])[:, None] * fy + (fy - 1) / 2
+    retina = (r >= ilm_c) & (r <= bm_c)
+    vitreous = r < ilm_c - 0.25 * med
+    if vc is not None:
+        retina &= vc
+        vitreous &= vc
+    if vitreous.sum() < 0.01 * vitreous.size or not retina.any():
+        return  # no vitreous in view (a retina filling the frame is caught by the edge check)
+    contrast = (np.median(xc[retina]) - np.median(xc[vitreous])) / 2.0
+    if contrast < s.min_contrast:
+        raise _fail(
+            name,
+            f"no retina found (retina only {contrast:+.2f} of the range brighter than the "
+            f"vitreous, < min_contrast={s.min_contrast})",
+        )
+
+
+def normalize_bscan(
+    img: np.ndarray,
+    s: RetinaNorm | None = None,
+    spacing_y_um: float | None = None,
+    spacing_x_um: float | None = None,
+    name: str = "",
+) -> NormalizedBScan:
+    """Retina-normalised band of one B-scan (H, W) (uint8, or float of any range).
+
+    Steps (:class:`RetinaNorm`): ILM and BM (:func:`detect_retina`, with its failure checks:
+    :class:`RetinaNotFoundError` naming ``name``), flatten on BM (``flatten``, whole-row column
+    shifts as :func:`flatten_crop`), crop the ``band``, resample it to ``height`` rows and a
+    fixed column size (area averaging when shrinking), and map the ``intensity_percentiles``
+    of its valid pixels to [-1, 1] (None: uint8 0..255 to [-1, 1]). Pixels beyond the scan or
+    in registration fill are set to the band's background (its 10th percentile). The file's
+    spacings, where known, are passed as ``spacing_*_um`` and win over those of ``s``.
+    """
+    s = s or RetinaNorm()
+    a = np.asarray(img)
+    ilm, bm, valid = detect_retina(a, s, spacing_y_um, spacing_x_um, name)
+    h, w = a.shape
+    sy = spacing_y_um if spacing_y_um is not None else s.spacing_y_um
+    sx = spacing_x_um if spacing_x_um is not None else s.spacing_x_um
+
+    bm_i = np.round(bm).astype(np.int64)
+    shifts = column_shifts(bm_i, int(np.round(np.median(bm_i))), s.flatten)
+    ilm_f, bm_f = ilm - shifts, bm - shifts  # rows after flattening
+    thick = float(np.median(bm_f - ilm_f))
+    if s.band == "anatomy":
+        top = np.percentile(ilm_f, 2) - s.above_ilm * thick
+        bottom = np.percentile(bm_f, 98) + s.below_bm * thick
+    elif s.band == "depth":
+        if not sy:
+            raise ValueError(
+                f"{name}: band='depth' needs the row spacing (spacing_y_um), which is unknown"
+            )
+        top = np.percentile(bm_f, 2) - s.depth_um / sy
+        bottom = np.percentile(bm_f, 98) + s.below_bm_um / sy
+    else:
+        top, bottom = 0.0, float(h)
+    top_i = int(np.floor(top))
+    rows = max(1, int(np.ceil(bottom)) - top_i)
+
+    x = a.astype(np.float32)
+    band, inside = _gather_band(x, shifts, top_i, rows)
+    ok = inside if valid is None else inside & _gather_band(valid, shifts, top_i, rows)[0]
+    row_m = resample_matrix(rows, s.height)
+    band = row_m.T @ np.where(ok, band, 0.0)
+    weight = row_m.T @ ok.astype(np.float32)
+    if sx and s.target_spacing_x_um:
+        w_out = resampled_width(w, sx, s.target_spacing_x_um)
+    else:
+        w_out = max(1, round(w * s.x_scale))
+    col_m = None if w_out == w else resample_matrix(w, w_out)
+    if col_m is not None:
+        band, weight = band @ col_m, weight @ col_m
+    ok_out = weight >= 0.5
+    band = np.where(ok_out, band / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
+    if not ok_out.any():
+        raise _fail(name, "the retina band lies outside the scan")
+    if s.intensity_percentiles is not None:
+        lo, hi = np.percentile(band[ok_out], s.intensity_percentiles)
+        if hi <= lo:
+            raise _fail(name, "constant retina band")
+        band = (band - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - 1.0
+        np.clip(band, -1.0, 1.0, out=band)
+    else:
+        band = band / np.float32(127.5) - 1.0 if a.dtype == np.uint8 else band
+    band[~ok_out] = np.percentile(band[ok_out], 10)
+
+    scale_y = s.height / rows
+    out_cols = (np.arange(w_out) + 0.5) * w / w_out - 0.5
+    ilm_b = np.interp(out_cols, np.arange(w), (ilm_f - top_i + 0.5) * scale_y - 0.5)
+    bm_b = np.interp(out_cols, np.arange(w), (bm_f - top_i + 0.5) * scale_y - 0.5)
+    return NormalizedBScan(band, ok_out, ilm_b, bm_b, ilm, bm, shifts, top_i, rows, row_m, col_m)
 
 
 # ------------------------------------------------------------------------------ patches

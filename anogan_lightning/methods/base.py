@@ -142,11 +142,15 @@ class AnomalyModule(pl.LightningModule):
     def _start(self, split: str) -> None:
         self._check_grad_mode()
         ds = self._eval_dataset(split)
-        # patches of larger images (OCT volumes) with masks: maps stitched back per B-scan
-        stitched = getattr(ds, "has_mask", False) and hasattr(ds, "image_shapes")
+        # patches of larger images (OCT volumes with masks) or windows of whole B-scans (a
+        # dataset with ``aggregate``): maps stitched back per B-scan
+        windows = getattr(ds, "aggregate", None) is not None
+        stitched = (getattr(ds, "has_mask", False) or windows) and hasattr(ds, "image_shapes")
         self._buffers_by_split[split] = {
             "dataset": ds,
             "stitcher": pixel_eval.Stitcher(ds.image_shapes) if stitched else None,
+            "windows": windows,
+            "image_index": [],  # windows: B-scan index of each window (coords[:, 0])
             "pixel_maps": [],  # whole images with masks: (B, H, W) maps and masks
             "pixel_masks": [],
             "ids": [],
@@ -189,11 +193,13 @@ class AnomalyModule(pl.LightningModule):
             need = N_SAMPLES - len(buf["samples"][cls])
             for i in torch.nonzero(labels == cls).flatten()[:need].tolist():
                 buf["samples"][cls].append(self._sample(batch, out, i))
-        if "amap" in out and "mask" in batch:  # pixel-level evaluation
+        if buf["windows"]:
+            buf["image_index"].append(batch["coords"][:, 0].detach().cpu())
+        if "amap" in out and ("mask" in batch or buf["stitcher"] is not None):
             amap = out["amap"].detach().float().cpu()
             if buf["stitcher"] is not None and "coords" in batch:
                 buf["stitcher"].add(amap, batch["coords"].cpu())
-            else:
+            elif "mask" in batch:  # whole images with masks: pixel-level evaluation
                 buf["pixel_maps"].append(amap[:, 0].half())
                 buf["pixel_masks"].append(batch["mask"][:, 0].detach().cpu() > 0.5)
         # running top-k / bottom-k by score, for the anomaly-map figures
@@ -246,6 +252,7 @@ class AnomalyModule(pl.LightningModule):
             "lowest": buf["lowest"],
             "pixel_maps": buf["pixel_maps"],
             "pixel_masks": buf["pixel_masks"],
+            "image_index": torch.cat(buf["image_index"]) if buf["image_index"] else None,
         }
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine)
@@ -270,6 +277,8 @@ class AnomalyModule(pl.LightningModule):
         for key, desc in (("highest", True), ("lowest", False)):
             merged = {s["id"]: s for p in parts for s in p[key]}.values()
             out[key] = sorted(merged, key=lambda s: s["score"], reverse=desc)[:N_EXTREMES]
+        if buf["windows"] and keep:
+            out["image_index"] = [torch.stack([parts[r]["image_index"][i] for r, i in keep])]
         out["pixel_maps"] = [m for p in parts for m in p["pixel_maps"]]
         out["pixel_masks"] = [m for p in parts for m in p["pixel_masks"]]
         if buf["stitcher"] is not None:
@@ -287,6 +296,23 @@ class AnomalyModule(pl.LightningModule):
         labels = torch.cat(buf["labels"])
         scores = torch.cat(buf["score"])
         components = {k: torch.cat(v) for k, v in buf["components"].items()}
+        ids = buf["ids"]
+        if buf["windows"]:  # window scores -> one score per B-scan, labelled per B-scan
+            ds = buf["dataset"]
+            index = torch.cat(buf["image_index"])
+            n = len(ds.image_ids)
+            agg = pixel_eval.aggregate_windows
+            scores, alternatives = agg(scores, index, n, ds.aggregate, ds.top_k, all_rules=True)
+            components = {
+                k: agg(v, index, n, ds.aggregate, ds.top_k)[0] for k, v in components.items()
+            }
+            components.update(alternatives)  # every rule's B-scan AUROC: auroc_window_<rule>
+            seen = torch.zeros(n, dtype=torch.bool)
+            seen[index] = True  # B-scans with at least one window scored
+            labels = torch.as_tensor(ds.image_labels)[seen]
+            scores = scores[seen]
+            components = {k: v[seen] for k, v in components.items()}
+            ids = [id_ for id_, s in zip(ds.image_ids, seen.tolist(), strict=True) if s]
         val_threshold = float(self.threshold) if split == "test" else None
         metrics = evaluation.evaluate(scores, labels, split, components, val_threshold)
         pixel = self._pixel_record(buf)
@@ -295,7 +321,7 @@ class AnomalyModule(pl.LightningModule):
         if split == "val" and evaluation.has_both_classes(labels):
             self.threshold.fill_(metrics["val/youden_threshold"])
         self.records[split] = {
-            "ids": buf["ids"],
+            "ids": ids,
             "labels": labels,
             "score": scores,
             "components": components,

@@ -1,0 +1,313 @@
+"""Whole-scan windows of retina-normalised B-scans, window -> B-scan aggregation, stitched maps,
+per-region overlap, and the bscan_folder data module (class folders, CSV, masks, groups)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from anogan_lightning import pixel_eval
+from anogan_lightning.data import preprocess as pp
+from anogan_lightning.data.bscan_folder import BScanFolderDataModule
+from anogan_lightning.data.kermany import KermanyDataModule, RetinaBScanDataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared/data"
+
+
+def scan(w: int = 384, h: int = 248, seed: int = 0, cyst: bool = False):
+    """uint8 phantom B-scan (retina, bright RPE) and its lesion mask (a dark cyst)."""
+    rng = np.random.default_rng(seed)
+    u = np.linspace(-1, 1, w)
+    bm = 160 + 10 * u + 15 * u**2
+    ilm = bm - 60 + 20 * np.exp(-((u / 0.2) ** 2))
+    r = np.arange(h)[:, None]
+    img = np.where((r >= ilm) & (r < bm), 110.0, 20.0)
+    img = np.where((r >= bm - 8) & (r < bm), 230, np.where(r >= bm, 70, img))
+    mask = np.zeros((h, w), np.uint8)
+    if cyst:
+        c = w // 3
+        mask[(r - (bm[c] - 30)) ** 2 / 100 + (np.arange(w)[None] - c) ** 2 / 400 <= 1] = 1
+        img = np.where(mask > 0, 15, img)
+    img = img * rng.gamma(8, 1 / 8, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def save(path: Path, a: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+S = 32
+RETINA = {"height": 32, "spacing_y_um": 7.74}
+
+
+# ---------------------------------------------------------------- aggregation and AUPRO
+
+
+def test_aggregate_windows_rules():
+    scores = torch.tensor([1.0, 5.0, 2.0, 0.5, 4.0, 3.0])
+    index = torch.tensor([0, 0, 0, 2, 2, 2])  # B-scan 1 has no window
+    s, _ = pixel_eval.aggregate_windows(scores, index, 3, "max")
+    assert s[0] == 5 and s[2] == 4 and math.isnan(s[1])
+    s, _ = pixel_eval.aggregate_windows(scores, index, 3, "mean")
+    assert torch.allclose(s[[0, 2]], torch.tensor([8 / 3, 7.5 / 3], dtype=torch.float64))
+    s, alt = pixel_eval.aggregate_windows(scores, index, 3, "topk", top_k=2, all_rules=True)
+    assert s[0] == 3.5 and s[2] == 3.5
+    assert set(alt) == {"window_max", "window_top2", "window_mean"}
+    assert torch.allclose(alt["window_top2"][[0, 2]], s[[0, 2]])
+    with pytest.raises(ValueError, match="median"):
+        pixel_eval.aggregate_windows(scores, index, 3, "median")
+
+
+def test_aupro_perfect_chance_and_small_regions_count():
+    masks = np.zeros((1, 20, 40), np.uint8)
+    masks[0, 2:4, 2:4] = 1  # a small region
+    masks[0, 10:18, 20:38] = 1  # a large one
+    perfect = masks.astype(np.float32) + 0.01 * np.random.default_rng(0).random(masks.shape)
+    pro, n = pixel_eval.aupro(perfect, masks)
+    assert n == 2 and pro > 0.99
+    only_large = np.where(masks[0, :, 20:] > 0, 1.0, 0.0)[None]
+    full = np.zeros(masks.shape, np.float32)
+    full[:, :, 20:] = only_large
+    pro_large, _ = pixel_eval.aupro(full, masks)
+    assert 0.45 < pro_large < 0.75  # half the regions found, however large the other is
+    rand = np.random.default_rng(1).random(masks.shape).astype(np.float32)
+    assert pixel_eval.aupro(rand, masks)[0] < 0.35  # chance: ~fpr_limit / 2
+    assert math.isnan(pixel_eval.aupro(rand, np.zeros_like(masks))[0])
+    m = pixel_eval.pixel_metrics(perfect, masks)
+    assert m["test/pixel_aupro"] > 0.99 and m["test/pixel_regions"] == 2
+
+
+# ---------------------------------------------------------------- windows dataset
+
+
+@pytest.fixture
+def files(tmp_path: Path):
+    paths, masks = [], []
+    for i in range(4):
+        img, mask = scan(w=320 + 64 * i, seed=i, cyst=i % 2 == 1)
+        paths.append(save(tmp_path / f"img/s{i}.png", img))
+        masks.append(save(tmp_path / f"mask/s{i}.png", mask * 255))
+    bad = save(tmp_path / "img/blank.png", np.full((248, 320), 30, np.uint8))
+    return tmp_path, paths + [bad], masks + [None]
+
+
+def test_grid_windows_cover_every_band_and_failures_are_named(files):
+    tmp, paths, masks = files
+    norm = pp.RetinaNorm(**RETINA)
+    ds = RetinaBScanDataset(paths, [0, 1, 0, 1, 0], ["N"] * 5, S, norm, "grid", masks, stride=16)
+    with pytest.warns(UserWarning, match="blank.png: constant"):
+        ds.preload("test")
+    assert ds.n_skipped == 1 and len(ds.image_ids) == 4 and "blank" not in " ".join(ds.image_ids)
+    shapes = ds.image_shapes
+    assert (shapes[:, 0] == 32).all() and list(shapes[:, 1]) == [160, 192, 224, 256]
+    stitcher = pixel_eval.Stitcher(shapes)
+    for k in range(len(ds)):
+        item = ds[k]
+        assert item["x"].shape == (1, S, S) and item["mask"].shape == (1, S, S)
+        stitcher.add(torch.ones(1, 1, S, S), item["coords"][None])
+    maps = stitcher.maps()
+    for i, (h, w) in enumerate(shapes):
+        assert not np.isnan(maps[i, :h, :w]).any()  # every pixel of every band scored
+    assert ds.image_mask(1).any() and not ds.image_mask(0).any()
+    item = ds[0]
+    assert item["id"].endswith("s0.png:y0:x0") and item["coords"].tolist() == [0, 0, 0]
+
+
+def test_random_windows_move_and_cache_is_reused(files):
+    tmp, paths, masks = files
+    norm = pp.RetinaNorm(**RETINA)
+    ds = RetinaBScanDataset(paths[:4], [0] * 4, ["N"] * 4, S, norm, "random", cache_dir=tmp / "c")
+    ds.preload()
+    assert len(ds) == 4 and len(list((tmp / "c").glob("*.npz"))) == 1
+    torch.manual_seed(0)
+    xs = {int(ds[3]["coords"][2]) for _ in range(10)}
+    assert len(xs) > 3
+    again = RetinaBScanDataset(
+        paths[:4], [0] * 4, ["N"] * 4, S, norm, "random", cache_dir=tmp / "c"
+    )
+    again.preload()
+    np.testing.assert_array_equal(again.image(2), ds.image(2))
+    other = RetinaBScanDataset(
+        paths[:4], [0] * 4, ["N"] * 4, S, pp.RetinaNorm(height=48), "random", cache_dir=tmp / "c"
+    )
+    other.preload()  # another setting: another cache entry
+    assert len(list((tmp / "c").glob("*.npz"))) == 2 and other.image(0).shape[0] == 48
+
+
+def test_mask_of_another_size_is_an_error_naming_it(files):
+    tmp, paths, _ = files
+    wrong = save(tmp / "mask/wrong.png", np.zeros((10, 10), np.uint8))
+    ds = RetinaBScanDataset(paths[:1], [1], ["DME"], S, pp.RetinaNorm(**RETINA), masks=[wrong])
+    with pytest.warns(UserWarning, match="mask .*wrong.png is 10x10"):
+        ds.preload()
+    assert ds.n_skipped == 1
+
+
+# ---------------------------------------------------------------- bscan_folder
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Class folders without splits: 8 NORMAL of 4 patients, 4 DME of 2 with masks."""
+    root = tmp_path / "scans"
+    for p in range(4):
+        for k in range(2):
+            img, _ = scan(seed=10 * p + k)
+            save(root / f"NORMAL/NORMAL-{p}-{k}.png", img)
+    for p in range(4, 6):
+        for k in range(2):
+            img, mask = scan(seed=10 * p + k, cyst=True)
+            save(root / f"DME/DME-{p}-{k}.png", img)
+            save(root / f"lesions/DME/DME-{p}-{k}.png", mask * 255)
+    return root
+
+
+def _module(root: Path, **kw) -> BScanFolderDataModule:
+    args = dict(image_size=S, retina=RETINA, batch_size=4, num_workers=0, window_stride=16)
+    return BScanFolderDataModule(str(root), **{**args, **kw})
+
+
+def test_class_folders_pool_split_by_patient_with_masks(folder: Path):
+    dm = _module(folder, mask_dir="lesions", pool_split=(0.5, 0.25, 0.25), seed=1)
+    dm.setup("fit")
+    dm.setup("test")
+    groups = {}
+    for name in ("train", "val", "test"):
+        ds = getattr(dm, f"{name}_set")
+        groups[name] = {Path(p).stem.split("-")[1] for p in ds.image_ids}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert not (groups["val"] & groups["test"])
+    assert set(dm.train_set.classes) == {"NORMAL"} and len(dm.train_set.paths) == 4
+    ds = dm.val_set if dm.val_set.has_mask else dm.test_set
+    assert ds.has_mask and any(ds.image_mask(i) is not None for i in range(len(ds.image_ids)))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (4, 1, S, S)
+
+
+def test_csv_with_own_column_names_test_only(folder: Path):
+    rows = ["scan,diag,eye,lesion"]
+    for p in sorted(folder.rglob("*.png")):
+        if "lesions" in p.parts:
+            continue
+        rel = p.relative_to(folder)
+        lesion = f"lesions/{rel}" if rel.parts[0] == "DME" else ""
+        rows.append(f"{rel},{int(rel.parts[0] == 'DME')},{p.stem.split('-')[1]},{lesion}")
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    dm = _module(
+        folder,
+        csv="list.csv",
+        path_column="scan",
+        label_column="diag",
+        group_column="eye",
+        mask_column="lesion",
+        pool_split=(0, 0.34, 0.66),
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set.paths) == 0
+    with pytest.raises(ValueError, match="no NORMAL scans in the train split"):
+        dm.train_dataloader()
+    n = len(dm.val_set.image_ids) + len(dm.test_set.image_ids)
+    assert n == 12 and set(dm.test_set.classes) <= {"NORMAL", "diag"}
+    with pytest.raises(ValueError, match="no column 'grade'"):
+        _module(folder, csv="list.csv", path_column="scan", label_column="grade").setup("fit")
+    (folder / "bad.csv").write_text("scan,diag\nNORMAL/none.png,0\n")
+    with pytest.raises(FileNotFoundError, match="none.png"):
+        _module(folder, csv="bad.csv", path_column="scan", label_column="diag").setup("fit")
+
+
+def test_yaml_keys_are_constructor_args():
+    cfg = OmegaConf.load(REPO / "conf/data/bscan_folder.yaml")
+    own = set(inspect.signature(BScanFolderDataModule).parameters) - {"kermany"}
+    shared = set(inspect.signature(KermanyDataModule).parameters)
+    assert set(cfg) - {"_target_"} == own | shared
+    k = OmegaConf.load(REPO / "conf/data/kermany.yaml")
+    assert set(k) - {"_target_"} == shared
+
+
+@pytest.mark.skipif(not (SHARED / "duke-dme-fluid").is_dir(), reason="duke-dme-fluid absent")
+def test_duke_and_mexico_load_unrenamed(tmp_path: Path):
+    cfg = OmegaConf.load(REPO / "conf/data/bscan_folder.yaml")
+    duke = dict(
+        root=str(SHARED / "duke-dme-fluid"),
+        csv="manifest.csv",
+        path_column="file",
+        label_column="has_fluid",
+        group_column="subject",
+        image_dir="images",
+        mask_dir="masks",
+        pool_split=[0, 0.2, 0.8],
+        cache_dir=str(tmp_path),
+        num_workers=0,
+    )
+    dm = instantiate(OmegaConf.merge(cfg, duke))
+    dm.scans()
+    scans = dm.scans()
+    assert len(scans) == 55 and all(s.mask is not None for s in scans)
+    assert sum(not s.normal for s in scans) == 40 and len({s.group for s in scans}) == 5
+    if (SHARED / "mexico-dme").is_dir():
+        mx = instantiate(
+            OmegaConf.merge(cfg, {"root": str(SHARED / "mexico-dme"), "cache_dir": None})
+        )
+        scans = mx.scans()
+        assert len(scans) == 200 and {s.split for s in scans} == {"test"}
+        assert sum(s.normal for s in scans) == 130 and {s.cls for s in scans} == {"NORMAL", "DME"}
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_path: Path):
+    """Autoencoder through the entry point on the folder: B-scan scores from windows, every
+    rule's AUROC, pixel metrics of the stitched maps, overlays."""
+    from conftest import compose_cfg, tiny_overrides
+
+    from anogan_lightning.train import run
+
+    split = {"0": "train", "1": "train", "2": "val", "4": "val", "3": "test", "5": "test"}
+    rows = ["file,label,split"]
+    for p in sorted(folder.glob("[DN]*/*.png")):
+        rows.append(f"{p.relative_to(folder)},{p.parent.name},{split[p.stem.split('-')[1]]}")
+    (folder / "split.csv").write_text("\n".join(rows) + "\n")
+    overrides = [o for o in tiny_overrides("autoencoder") if not o.startswith("data.")]
+    overrides += [
+        "data=bscan_folder",
+        "data.resize=retina",
+        f"data.root={folder}",
+        "data.csv=split.csv",
+        "data.path_column=file",
+        "data.split_column=split",
+        "data.mask_dir=lesions",
+        f"data.image_size={S}",
+        "data.retina.height=32",
+        "data.retina.spacing_y_um=7.74",
+        "data.window_stride=16",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.aggregate=topk",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = run(compose_cfg(overrides, tmp_path / "run"))
+    n_test = 4
+    for rule in ("max", "top3", "mean"):
+        assert f"test/auroc_window_{rule}" in results
+    assert results["test/auroc"] == results["test/auroc_window_top3"]
+    assert 0 <= results["test/pixel_auroc"] <= 1 and results["test/pixel_regions"] >= 1
+    assert 0 <= results["test/pixel_aupro"] <= 1
+    scores = (tmp_path / "run/scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + n_test and ":y" not in scores[1]  # one row per B-scan
+    assert list((tmp_path / "run/bscans").glob("bscan_*.png"))
