@@ -132,6 +132,43 @@ def paired_auroc_difference(
     return float(point[0] - point[1]), low, high
 
 
+def pooled_paired_difference(
+    pairs: list[tuple[Tensor, Tensor, Tensor]],
+    same_images: bool = False,
+    n_boot: int = N_BOOT,
+    seed: int = CI_SEED,
+) -> tuple[float, float, float]:
+    """Mean over K pairs (e.g. seed k of two methods) of AUROC(a_k) - AUROC(b_k), with a
+    bootstrap 95% interval over images and pairs.
+
+    Each pair is (scores_a, scores_b, labels) on the same images in the same order. Every
+    resample draws the images (stratified; one draw shared by every pair when ``same_images``,
+    i.e. all pairs were scored on one test set in one order, else one draw per pair) and, when
+    K > 1, the K pairs with replacement, so the interval holds both the test-set and the
+    run-to-run (seed) variation of the mean difference.
+    """
+    if not pairs:
+        raise ValueError("no pairs")
+    point = sum(auroc(a, y) - auroc(b, y) for a, b, y in pairs) / len(pairs)
+    if same_images:
+        rows = torch.stack([torch.as_tensor(s) for a, b, _ in pairs for s in (a, b)])
+        boot = bootstrap_aurocs(rows, pairs[0][2], n_boot, seed)
+        diffs = boot[:, 0::2] - boot[:, 1::2]  # (B, K)
+    else:
+        columns = []
+        for k, (a, b, y) in enumerate(pairs):
+            rows = torch.stack([torch.as_tensor(a), torch.as_tensor(b)])
+            boot = bootstrap_aurocs(rows, y, n_boot, seed + k)
+            columns.append(boot[:, 0] - boot[:, 1])
+        diffs = torch.stack(columns, 1)  # (B, K)
+    if len(pairs) > 1:
+        g = torch.Generator().manual_seed(seed + 1_000_003)
+        pick = torch.randint(len(pairs), (n_boot, len(pairs)), generator=g)
+        diffs = diffs.gather(1, pick)
+    low, high = percentile_interval(diffs.mean(1))
+    return float(point), low, high
+
+
 def _check_rows(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     scores = torch.as_tensor(scores).detach().double().cpu()
     scores = scores[None] if scores.ndim == 1 else scores

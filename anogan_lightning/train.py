@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def _log_to_loggers(
             lg.experiment.add_text("results", table)
 
 
+class TrainingIncomplete(RuntimeError):
+    """The fit ended before the method was usable (``training_complete()`` is False)."""
+
+
 def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
     """Trained weights (and threshold) from a checkpoint into a model built from the config,
     so scoring settings given on the command line (e.g. method.mapping_steps) apply."""
@@ -110,6 +115,7 @@ def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Fit, validate, test and write artefacts; returns the flat results dict."""
+    t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _multirun_wandb(cfg)
@@ -117,7 +123,15 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.method, _convert_="all")  # plain lists: safe to unpickle
+    try:
+        model = hydra.utils.instantiate(
+            cfg.method, _convert_="all"
+        )  # plain lists: safe to unpickle
+    except Exception as err:  # e.g. a network that cannot be built at this input size
+        raise ValueError(
+            f"cannot build method {cfg.method._target_} (data.image_size="
+            f"{cfg.data.get('image_size')}): {err.__cause__ or err}"
+        ) from err
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)  # for predict
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
@@ -146,6 +160,7 @@ def run(cfg: DictConfig) -> dict:
     # fit on normal images (resuming from ckpt_path if given); the val split (both classes) is
     # scored once, after training
     if fit:
+        t_fit = time.perf_counter()
         try:
             trainer.fit(
                 model, train_dataloaders=datamodule.train_dataloader(), ckpt_path=cfg.ckpt_path
@@ -158,6 +173,18 @@ def run(cfg: DictConfig) -> dict:
             raise SystemExit(f"error: {err}; {where}") from None
         if trainer.interrupted:
             raise SystemExit(f"training interrupted; checkpoints are in {ckpt_dir}")
+        results["train/epochs"] = trainer.current_epoch  # completed epochs
+        results["train/steps"] = trainer.global_step  # optimizer steps (every optimizer)
+        results["train/batches"] = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        results["train/time_s"] = time.perf_counter() - t_fit
+        if not model.training_complete():  # no score from an unusable model (e.g. a cut budget)
+            results |= {"status": "incomplete", "reason": model.incomplete_reason()}
+            if trainer.is_global_zero:
+                artefacts.write_results(out_dir / "results.json", results)
+            raise TrainingIncomplete(
+                f"{results['reason']}; no AUROC reported (results.json: status incomplete); "
+                f"checkpoints are in {ckpt_dir}"
+            )
 
     datamodule.setup("validate")
     trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
@@ -172,6 +199,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
     results.update(model.results.get("test", {}))
+    results["wall_s"] = time.perf_counter() - t_start
     if not trainer.is_global_zero:
         return results
     artefacts.write_results(out_dir / "results.json", results)
@@ -195,6 +223,8 @@ def _finished(out_dir: Path) -> dict | None:
         results = json.loads(f.read_text())
     except json.JSONDecodeError:
         return None
+    if results.get("status") == "incomplete":  # rerunning would end the same way
+        return results
     return results if "test/auroc" in results else None
 
 
@@ -208,6 +238,8 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_finished", True) and (done := _finished(out_dir)) is not None:
         log.info("already finished, skipped (skip_finished=false reruns it): %s", out_dir)
+        if done.get("status") == "incomplete":
+            raise TrainingIncomplete(f"{done.get('reason')} (an earlier run of {out_dir})")
         return done.get("val/auroc")
     try:
         results = run(cfg)

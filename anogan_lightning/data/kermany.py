@@ -207,7 +207,8 @@ def blank_fill(a: np.ndarray) -> np.ndarray:
 
 
 class KermanyDataset(Dataset):
-    """Image files with labels; items ``{"x": (1, S, S) float32 in [-1, 1], "label", "id"}``.
+    """Image files with labels; items ``{"x": (1, S, S) float32 in [-1, 1], "label", "id",
+    "cls"}`` (``cls``: the class folder name, for per-class metrics).
 
     Args:
         crop: ``"random"`` (horizontal position drawn from torch's RNG) or ``"center"``.
@@ -283,7 +284,12 @@ class KermanyDataset(Dataset):
         if self.crop == "random" and a.shape[1] > self.image_size:
             left = int(torch.randint(a.shape[1] - self.image_size + 1, ()))
         x = torch.from_numpy(to_unit_range(crop_square(a, left)))[None]  # (1, S, S)
-        return {"x": x, "label": int(self.labels[i]), "id": str(self.paths[i])}
+        return {
+            "x": x,
+            "label": int(self.labels[i]),
+            "id": str(self.paths[i]),
+            "cls": self.classes[i],
+        }
 
 
 class KermanyDataModule(AnomalyDataModule):
