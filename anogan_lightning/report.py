@@ -90,7 +90,7 @@ def _failure_reason(run: Path) -> str:
     return "no results.json (still running, killed, or crashed before writing it)"
 
 
-def _is_ci(key: str) -> bool:
+def is_ci(key: str) -> bool:
     return key.endswith(("_ci_low", "_ci_high"))
 
 
@@ -126,13 +126,13 @@ def load_run(run: Path) -> dict:
         rec["components"] = {
             k.removeprefix(prefix): v
             for k, v in results.items()
-            if k.startswith(prefix) and not _is_ci(k)
+            if k.startswith(prefix) and not is_ci(k)
         }
         prefix = "test/auroc/"
         rec["classes"] = {
             k.removeprefix(prefix): v
             for k, v in results.items()
-            if k.startswith(prefix) and not _is_ci(k)
+            if k.startswith(prefix) and not is_ci(k)
         }
         rec["method"] = results.get("method", rec["method"])
     elif results.get("status") == "incomplete":
