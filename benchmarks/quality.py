@@ -256,7 +256,7 @@ def write_markdown(path: Path, rows: list[dict], args: argparse.Namespace, cmd: 
     for r in rows:
         d = r["delta"]
         if d is not None:
-            delta = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] (n={d[3]})"
+            delta = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] ({d[3]} seed pairs)"
         else:
             delta = "" if r["method"] != ref else "(reference)"
         per_seed = ", ".join(f"{v:.3f}" for v in r["test_auroc_per_seed"])
