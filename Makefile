@@ -1,4 +1,5 @@
-# anogan-lightning: `make train` (installs, then runs the main job), `make test`, `make lint`, `make bench`
+# anogan-lightning: `make train` (installs, then runs the main job), `make test`, `make lint`, `make bench`,
+# `make quality` (the seeded quality benchmark: hours on a CPU; see benchmarks/quality.py)
 PYTHON ?= python3
 # a torch wheel installed before the package, so pip never pulls a multi-GB CUDA build on a
 # CPU-only machine; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" from your CUDA index
@@ -6,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := .install.stamp
 ARGS ?=
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test lint format bench quality clean
 
 install: $(STAMP)
 
@@ -31,6 +32,9 @@ format: install
 
 bench: install
 	$(PYTHON) benchmarks/run.py $(ARGS)
+
+quality: install
+	$(PYTHON) benchmarks/quality.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun $(STAMP)

@@ -46,14 +46,18 @@ def write_results(path: Path, results: dict) -> None:
 
 
 def write_scores(path: Path, record: dict) -> None:
-    """One row per image: id, label, score and every score component."""
+    """One row per image: id, label, score, every score component, and ``class`` (the image's
+    class name) where the data knows sub-classes."""
     names = list(record["components"])
+    classes = record.get("classes")
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "label", "score", *names])
+        w.writerow(["id", "label", "score", *names, *(["class"] if classes else [])])
         for i, id_ in enumerate(record["ids"]):
             row = [id_, int(record["labels"][i]), f"{float(record['score'][i]):.8g}"]
             row += [f"{float(record['components'][n][i]):.8g}" for n in names]
+            if classes:
+                row.append(classes[i])
             w.writerow(row)
 
 
@@ -196,12 +200,18 @@ def write_figures(out_dir: Path, record: dict, title: str = "") -> dict[str, plt
     return figs
 
 
+def _is_ci(key: str) -> bool:
+    return key.endswith(("_ci_low", "_ci_high"))
+
+
 def format_table(results: dict, title: str = "") -> str:
-    """A Markdown table: one row per metric, one column per split."""
+    """A Markdown table: one row per metric, one column per split; AUROCs with their bootstrap
+    95% interval in brackets; component and per-class AUROCs after the main metrics."""
     splits = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in results)]
     keys = list(TABLE_KEYS)
-    extra = sorted({k.split("/", 1)[1] for k in results if "/auroc_" in k})
-    keys += extra
+    names = {k.split("/", 1)[1] for k in results if "/" in k and not _is_ci(k)}
+    keys += sorted(n for n in names if n.startswith("auroc_"))
+    keys += sorted(n for n in names if n.startswith("auroc/"))
     lines = []
     if title:
         lines.append(title)
@@ -211,9 +221,11 @@ def format_table(results: dict, title: str = "") -> str:
         cells = []
         for s in splits:
             v = results.get(f"{s}/{key}")
-            cells.append(
-                "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-            )
+            cell = "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+            low, high = results.get(f"{s}/{key}_ci_low"), results.get(f"{s}/{key}_ci_high")
+            if cell and low is not None and high is not None:
+                cell += f" [{low:.3f}, {high:.3f}]"
+            cells.append(cell)
         if any(cells):
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -6,11 +6,18 @@ A run directory is one that holds a ``config.yaml`` (written by the entry point)
 from ``error.txt`` (written by the entry point when a job raises) or the job's log.
 
 Writes into the first directory given (the sweep directory) or ``--out``:
-- ``report.md`` and ``report.csv``: one row per run (method, overrides, val/test AUROC, AP,
-  accuracy and sensitivity at the validation threshold, sensitivity / specificity / precision /
-  recall at the Youden cut-off, and the test AUROC of every score component, e.g. image vs latent
-  score or AnoGAN's R, D and PD), then the same averaged over seeds (mean ± std) where runs
-  differ only in ``seed``; failed runs with their reason;
+- ``report.md`` and ``report.csv``: one row per run (method, overrides, val/test AUROC, the test
+  AUROC's bootstrap 95% CI, AP, accuracy and sensitivity at the validation threshold,
+  sensitivity / specificity / precision / recall at the Youden cut-off, the test AUROC of every
+  score component, e.g. image vs latent score or AnoGAN's R, D and PD, and of every disease
+  class against the normals where the data has classes), then the same averaged over seeds
+  (mean ± std) where runs differ only in ``seed``; failed runs (and runs whose training did not
+  complete) with their reason;
+- with ``--reference <method or run dir>``: per run, the paired difference of its test AUROC to
+  the reference run scored on the same test images (rows of ``scores.csv`` matched by ``id``;
+  the reference run of the same seed where the reference is a method with several seeds) with a
+  paired bootstrap 95% CI; per seed group, the mean difference over seeds with a CI from
+  resampling images and seeds (:func:`anogan_lightning.evaluation.pooled_paired_difference`);
 - ``roc.png``: every run's test ROC in one plot, from its ``scores.csv``;
 - ``score_distributions.png``: normal vs anomalous test score histograms, one panel per run.
 The Markdown table is printed too.
@@ -83,8 +90,22 @@ def _failure_reason(run: Path) -> str:
     return "no results.json (still running, killed, or crashed before writing it)"
 
 
+def is_ci(key: str) -> bool:
+    return key.endswith(("_ci_low", "_ci_high"))
+
+
+def _method_name(overrides: list[str]) -> str | None:
+    """The ``+method=<name>`` (or ``+experiment=<name>``) choice of a run, if any."""
+    for prefix in ("method=", "experiment="):
+        for o in overrides:
+            if o.lstrip("+").startswith(prefix):
+                return o.split("=", 1)[1]
+    return None
+
+
 def load_run(run: Path) -> dict:
-    """Flat record: dir, status, method, overrides, seed, metrics (or the failure reason)."""
+    """Flat record: dir, status (finished / incomplete / failed), method, overrides, seed,
+    metrics, CIs, component and per-class AUROCs (or the failure reason)."""
     overrides = _overrides(run)
     rec = {"run": run, "overrides": [o for o in overrides if not o.startswith("seed=")]}
     seeds = [o.split("=", 1)[1] for o in overrides if o.startswith("seed=")]
@@ -92,19 +113,31 @@ def load_run(run: Path) -> dict:
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
     rec["seed"] = seeds[0] if seeds else str((cfg or {}).get("seed", ""))
     target = ((cfg or {}).get("method") or {}).get("_target_", "")
-    rec["method"] = target.rsplit(".", 1)[-1] or next(
-        (o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("method=")), "?"
-    )
+    rec["method"] = target.rsplit(".", 1)[-1] or _method_name(overrides) or "?"
+    rec["name"] = _method_name(overrides) or rec["method"].lower()  # as in +method=<name>
     res_file = run / "results.json"
     results = json.loads(res_file.read_text()) if res_file.is_file() else {}
+    rec["results"] = results
     if "test/auroc" in results:
         rec["status"] = "finished"
         rec["metrics"] = {key: results.get(key) for _, key in COLUMNS}
+        rec["ci"] = (results.get("test/auroc_ci_low"), results.get("test/auroc_ci_high"))
         prefix = "test/auroc_"
         rec["components"] = {
-            k.removeprefix(prefix): v for k, v in results.items() if k.startswith(prefix)
+            k.removeprefix(prefix): v
+            for k, v in results.items()
+            if k.startswith(prefix) and not is_ci(k)
+        }
+        prefix = "test/auroc/"
+        rec["classes"] = {
+            k.removeprefix(prefix): v
+            for k, v in results.items()
+            if k.startswith(prefix) and not is_ci(k)
         }
         rec["method"] = results.get("method", rec["method"])
+    elif results.get("status") == "incomplete":
+        rec["status"] = "incomplete"
+        rec["reason"] = f"incomplete: {results.get('reason', 'training did not complete')}"
     else:
         rec["status"] = "failed"
         rec["reason"] = _failure_reason(run)
@@ -113,6 +146,18 @@ def load_run(run: Path) -> dict:
 
 def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _fmt_ci(ci) -> str:
+    low, high = ci if ci else (None, None)
+    return "" if low is None or high is None else f"[{low:.3f}, {high:.3f}]"
+
+
+def _fmt_delta(delta) -> str:
+    if not delta:
+        return ""
+    diff, low, high = delta[:3]
+    return f"{diff:+.4f} [{low:+.3f}, {high:+.3f}]"
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -125,39 +170,154 @@ def aggregate(records: list[dict]) -> list[dict]:
         if len({r["seed"] for r in rs}) < 2:  # only runs that differ in their seed
             continue
         row = {"method": method, "overrides": list(overrides), "n": len(rs), "stats": {}}
+        row["runs"] = rs
         for _, key in COLUMNS:
             vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
             if vals:
-                t = torch.tensor(vals, dtype=torch.float64)
-                std = float(t.std()) if len(vals) > 1 else 0.0
-                row["stats"][key] = (float(t.mean()), std)
+                row["stats"][key] = mean_std(vals)
         out.append(row)
     return out
 
 
-def markdown(records: list[dict], groups: list[dict], failed: list[dict], root: Path) -> str:
-    head = "| run | method | overrides | seed | " + " | ".join(c for c, _ in COLUMNS)
-    lines = [head + " | test AUROC by component |", "|" + "---|" * (5 + len(COLUMNS))]
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+# -- paired differences to a reference run ---------------------------------------------------
+def read_scores(run: Path) -> dict[str, tuple[int, float]] | None:
+    """``id -> (label, score)`` from a run's scores.csv (None without one)."""
+    f = run / "scores.csv"
+    if not f.is_file():
+        return None
+    with open(f) as fh:
+        return {r["id"]: (int(r["label"]), float(r["score"])) for r in csv.DictReader(fh)}
+
+
+def matched_scores(
+    a: dict[str, tuple[int, float]], b: dict[str, tuple[int, float]]
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(ids, scores_a, scores_b, labels) over the images both runs scored, sorted by id; None
+    when fewer than both classes are shared or a shared id has two labels (other images)."""
+    ids = sorted(set(a) & set(b))
+    if any(a[i][0] != b[i][0] for i in ids):
+        return None
+    labels = torch.tensor([a[i][0] for i in ids], dtype=torch.long)
+    if not evaluation.has_both_classes(labels):
+        return None
+    sa = torch.tensor([a[i][1] for i in ids], dtype=torch.float64)
+    sb = torch.tensor([b[i][1] for i in ids], dtype=torch.float64)
+    return ids, sa, sb, labels
+
+
+def reference_runs(records: list[dict], reference: str) -> list[dict]:
+    """Finished runs named by ``reference``: a run directory, or a method (its ``+method=``
+    name or class name, any case)."""
+    path = Path(reference)
+    if path.is_dir():
+        target = path.resolve()
+        return [r for r in records if Path(r["run"]).resolve() == target]
+    ref = reference.lower()
+    return [r for r in records if ref in (r["name"].lower(), r["method"].lower())]
+
+
+def pair_with_reference(rec: dict, refs: list[dict]) -> dict | None:
+    """The reference run to compare ``rec`` with: the one of the same seed, else the only one."""
+    if rec in refs:
+        return rec
+    same_seed = [r for r in refs if r["seed"] == rec["seed"]]
+    if len(same_seed) == 1:
+        return same_seed[0]
+    return refs[0] if len(refs) == 1 else None
+
+
+def add_differences(records: list[dict], groups: list[dict], reference: str) -> None:
+    """Sets ``delta`` = (AUROC - reference AUROC, CI low, CI high, n images) on each finished
+    run and seed group that has a reference run on the same test images."""
+    refs = reference_runs(records, reference)
+    if not refs:
+        raise ValueError(f"--reference {reference}: no finished run of that method or directory")
+    cache: dict[Path, dict | None] = {}
+
+    def scores(r: dict) -> dict | None:
+        if r["run"] not in cache:
+            cache[r["run"]] = read_scores(r["run"])
+        return cache[r["run"]]
+
+    def pair(r: dict):
+        ref = pair_with_reference(r, refs)
+        if ref is None or scores(r) is None or scores(ref) is None:
+            return None
+        return matched_scores(scores(r), scores(ref))
+
+    for r in records:
+        m = pair(r)
+        if m is not None:
+            ids, sa, sb, labels = m
+            r["delta"] = (*evaluation.paired_auroc_difference(sa, sb, labels), len(ids))
+    for g in groups:
+        pairs = [m for r in g["runs"] if (m := pair(r)) is not None]
+        if len(pairs) < len(g["runs"]):
+            continue  # not every seed has its reference run: no pooled difference
+        same = all(m[0] == pairs[0][0] and torch.equal(m[3], pairs[0][3]) for m in pairs)
+        triples = [(sa, sb, labels) for _, sa, sb, labels in pairs]
+        g["delta"] = (
+            *evaluation.pooled_paired_difference(triples, same_images=same),
+            len(pairs[0][0]),
+        )
+
+
+def markdown(
+    records: list[dict],
+    groups: list[dict],
+    failed: list[dict],
+    root: Path,
+    reference: str | None = None,
+) -> str:
+    delta_head = [f"Δ test AUROC vs {reference} [95% CI]"] if reference else []
+    heads = [c for c, _ in COLUMNS]
+    heads.insert(heads.index("test AUROC") + 1, "test AUROC 95% CI")
+    heads += delta_head
+    head = "| run | method | overrides | seed | " + " | ".join(heads)
+    lines = [
+        head + " | test AUROC by component | test AUROC by class |",
+        "|" + "---|" * (6 + len(heads)),
+    ]
     for r in records:
         cells = [_fmt(r["metrics"][k]) for _, k in COLUMNS]
+        cells.insert(heads.index("test AUROC 95% CI"), _fmt_ci(r.get("ci")))
+        if reference:
+            cells.append(_fmt_delta(r.get("delta")))
         name = _rel(r["run"], root)
         over = " ".join(r["overrides"])
         lines.append(
             f"| {name} | {r['method']} | {over} | {r['seed']} | "
             + " | ".join(cells)
-            + f" | {_components(r, ', ')} |"
+            + f" | {_components(r, ', ')} | {_components(r, ', ', 'classes')} |"
         )
     if groups:
         lines += ["", "Mean ± std over seeds:", ""]
-        lines.append("| method | overrides | n | " + " | ".join(c for c, _ in COLUMNS) + " |")
-        lines.append("|" + "---|" * (3 + len(COLUMNS)))
+        gheads = [c for c, _ in COLUMNS] + delta_head
+        lines.append("| method | overrides | n | " + " | ".join(gheads) + " |")
+        lines.append("|" + "---|" * (3 + len(gheads)))
         for g in groups:
             cells = [
                 f"{g['stats'][k][0]:.4f} ± {g['stats'][k][1]:.4f}" if k in g["stats"] else ""
                 for _, k in COLUMNS
             ]
+            if reference:
+                cells.append(_fmt_delta(g.get("delta")))
             over = " ".join(g["overrides"])
             lines.append(f"| {g['method']} | {over} | {g['n']} | " + " | ".join(cells) + " |")
+    if reference:
+        lines += [
+            "",
+            f"Δ: test AUROC minus that of the reference ({reference}) on the same test images "
+            "(scores.csv rows matched by id), paired bootstrap 95% CI "
+            f"({evaluation.N_BOOT} stratified resamples); for a seed group, the mean Δ over "
+            "seed-paired runs, images and seeds resampled.",
+        ]
     if failed:
         lines += ["", f"Failed runs ({len(failed)}):", ""]
         lines += [
@@ -166,9 +326,9 @@ def markdown(records: list[dict], groups: list[dict], failed: list[dict], root: 
     return "\n".join(lines)
 
 
-def _components(r: dict, sep: str) -> str:
-    """Test AUROC per score component, e.g. ``image 0.7012, latent 0.6610``."""
-    return sep.join(f"{k} {_fmt(v)}" for k, v in sorted(r.get("components", {}).items()))
+def _components(r: dict, sep: str, key: str = "components") -> str:
+    """Test AUROC per score component (``image 0.7012, latent 0.6610``) or per class."""
+    return sep.join(f"{k} {_fmt(v)}" for k, v in sorted(r.get(key, {}).items()))
 
 
 def _rel(run: Path, root: Path) -> str:
@@ -179,6 +339,7 @@ def _rel(run: Path, root: Path) -> str:
 
 
 def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -> None:
+    delta = ["delta_test_auroc", "delta_ci_low", "delta_ci_high"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -189,12 +350,18 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                 "overrides",
                 "seed",
                 *[k for _, k in COLUMNS],
+                "test/auroc_ci_low",
+                "test/auroc_ci_high",
+                *delta,
                 "test/auroc_components",
+                "test/auroc_classes",
                 "reason",
             ]
         )
         for r in records:
             vals = [_fmt(r["metrics"][k]) for _, k in COLUMNS]
+            ci = [_fmt(v) for v in r.get("ci") or (None, None)]
+            d = [_fmt(v) for v in r["delta"][:3]] if r.get("delta") else [""] * 3
             w.writerow(
                 [
                     _rel(r["run"], root),
@@ -203,20 +370,24 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     " ".join(r["overrides"]),
                     r["seed"],
                     *vals,
+                    *ci,
+                    *d,
                     _components(r, "; "),
+                    _components(r, "; ", "classes"),
                     "",
                 ]
             )
         for r in failed:
-            blanks = [""] * len(COLUMNS)
+            blanks = [""] * (len(COLUMNS) + 2 + len(delta))
             w.writerow(
                 [
                     _rel(r["run"], root),
-                    "failed",
+                    r["status"],
                     r["method"],
                     " ".join(r["overrides"]),
                     r["seed"],
                     *blanks,
+                    "",
                     "",
                     r["reason"],
                 ]
@@ -275,19 +446,28 @@ def plot_distributions(path: Path, records: list[dict], root: Path) -> None:
     plt.close(fig)
 
 
-def report(paths: list[Path], out: Path | None = None) -> str:
-    """Write the report files and return the Markdown table."""
+def collect(paths: list[Path]) -> tuple[list[dict], list[dict], Path]:
+    """(finished runs, failed or incomplete runs, common root) under ``paths``."""
     paths = [Path(p) for p in paths]
-    out = Path(out) if out else paths[0]
     runs = find_runs([p.resolve() for p in paths])
     if not runs:
         raise FileNotFoundError(f"no run directories (with config.yaml or .hydra/) under {paths}")
     records = [load_run(r) for r in runs]
     done = [r for r in records if r["status"] == "finished"]
-    failed = [r for r in records if r["status"] == "failed"]
-    groups = aggregate(done)
+    failed = [r for r in records if r["status"] != "finished"]
     root = Path(os.path.commonpath([p.resolve() for p in paths]))
-    table = markdown(done, groups, failed, root)
+    return done, failed, root
+
+
+def report(paths: list[Path], out: Path | None = None, reference: str | None = None) -> str:
+    """Write the report files and return the Markdown table."""
+    paths = [Path(p) for p in paths]
+    out = Path(out) if out else paths[0]
+    done, failed, root = collect(paths)
+    groups = aggregate(done)
+    if reference:
+        add_differences(done, groups, reference)
+    table = markdown(done, groups, failed, root, reference)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(f"# Report: {root}\n\n{table}\n")
     write_csv(out / "report.csv", done, failed, root)
@@ -301,10 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", type=Path, help="a sweep directory or run directories")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default: first path)")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        help="a method (e.g. autoencoder) or run directory: every run's test AUROC difference "
+        "to it, with a paired bootstrap 95%% CI",
+    )
     args = ap.parse_args(argv)
     try:
-        table = report(args.paths, args.out)
-    except FileNotFoundError as e:
+        table = report(args.paths, args.out, args.reference)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table)

@@ -64,9 +64,20 @@ def _log_to_loggers(
             run = lg.experiment
             overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
             run.config.update(
-                {"config": OmegaConf.to_container(cfg, resolve=True), "overrides": list(overrides)},
+                {
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "overrides": list(overrides),
+                    "provenance": provenance.of(results),
+                },
                 allow_val_change=True,
             )
+            metrics = {  # numbers only: provenance is in the config
+                k: v
+                for k, v in results.items()
+                if isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and not k.startswith(provenance.PREFIX)
+            }
             fpr, tpr, _ = evaluation.roc_curve(record["score"], record["labels"])
             roc = wandb.Table(
                 columns=["fpr", "tpr"], data=list(zip(fpr.tolist(), tpr.tolist(), strict=True))
@@ -76,7 +87,7 @@ def _log_to_loggers(
                 "test/roc": wandb.plot.line(roc, "fpr", "tpr", title=f"test ROC (AUC {auc:.3f})"),
                 "results": wandb.Table(
                     columns=["metric", "value"],
-                    data=[[k, v] for k, v in results.items() if isinstance(v, int | float)],
+                    data=[[k, v] for k, v in metrics.items()],
                 ),
             }
             for name, s in {"score": record["score"], **record["components"]}.items():
@@ -89,11 +100,15 @@ def _log_to_loggers(
             if maps:
                 payload["test/anomaly_maps"] = [wandb.Image(str(p), caption=p.stem) for p in maps]
             run.log(payload)
-            run.summary.update({k: v for k, v in results.items() if isinstance(v, int | float)})
+            run.summary.update(metrics)
         elif type(lg).__name__ == "TensorBoardLogger":
             for k, f in figures.items():
                 lg.experiment.add_figure(f"test/{k}", f)
             lg.experiment.add_text("results", table)
+
+
+class TrainingIncomplete(RuntimeError):
+    """The fit ended before the method was usable (``training_complete()`` is False)."""
 
 
 def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
@@ -111,16 +126,24 @@ def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Fit, validate, test and write artefacts; returns the flat results dict."""
+    t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _multirun_wandb(cfg)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    t_start = time.perf_counter()
     runtime.configure(cfg.get("threads"), cfg.trainer.get("deterministic"))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.method, _convert_="all")  # plain lists: safe to unpickle
+    try:
+        model = hydra.utils.instantiate(
+            cfg.method, _convert_="all"
+        )  # plain lists: safe to unpickle
+    except Exception as err:  # e.g. a network that cannot be built at this input size
+        raise ValueError(
+            f"cannot build method {cfg.method._target_} (data.image_size="
+            f"{cfg.data.get('image_size')}): {err.__cause__ or err}"
+        ) from err
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)  # for predict
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
@@ -168,8 +191,20 @@ def run(cfg: DictConfig) -> dict:
             raise SystemExit(f"error: {err}; {where}") from None
         if trainer.interrupted:
             raise SystemExit(f"training interrupted; checkpoints are in {ckpt_dir}")
+        results["train/epochs"] = trainer.current_epoch  # completed epochs
+        results["train/steps"] = trainer.global_step  # optimizer steps (every optimizer)
+        results["train/batches"] = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        results["time/fit_s"] = time.perf_counter() - t0
+        if not model.training_complete():  # no score from an unusable model (e.g. a cut budget)
+            results |= {"status": "incomplete", "reason": model.incomplete_reason()}
+            if trainer.is_global_zero:
+                artefacts.write_results(out_dir / "results.json", results)
+            raise TrainingIncomplete(
+                f"{results['reason']}; no AUROC reported (results.json: status incomplete); "
+                f"checkpoints are in {ckpt_dir}"
+            )
 
-    results["time/fit_s"] = time.perf_counter() - t0
+    results["time/fit_s"] = time.perf_counter() - t0  # 0 with fit=false
     t0 = time.perf_counter()
     datamodule.setup("validate")
     trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
@@ -212,6 +247,8 @@ def _finished(out_dir: Path) -> dict | None:
         results = json.loads(f.read_text())
     except json.JSONDecodeError:
         return None
+    if results.get("status") == "incomplete":  # rerunning would end the same way
+        return results
     return results if "test/auroc" in results else None
 
 
@@ -225,6 +262,8 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_finished", True) and (done := _finished(out_dir)) is not None:
         log.info("already finished, skipped (skip_finished=false reruns it): %s", out_dir)
+        if done.get("status") == "incomplete":
+            raise TrainingIncomplete(f"{done.get('reason')} (an earlier run of {out_dir})")
         return done.get("val/auroc")
     try:
         results = run(cfg)

@@ -72,7 +72,7 @@ def read_scores(out_dir: Path) -> tuple[list[str], torch.Tensor, dict[str, torch
     """scores.csv of a run: (ids, labels (N,), {"score" and every component: (N,) float64})."""
     with open(out_dir / "scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    names = [k for k in rows[0] if k not in ("id", "label")]
+    names = [k for k in rows[0] if k not in ("id", "label", "class")]
     labels = torch.tensor([int(r["label"]) for r in rows])
     cols = {n: torch.tensor([float(r[n]) for r in rows], dtype=torch.float64) for n in names}
     return [r["id"] for r in rows], labels, cols

@@ -40,31 +40,3 @@ def test_start_depends_on_the_image_not_its_batch():
     torch.testing.assert_close(model.start_z(ds.images.flip(0), ds.ids[::-1]), z.flip(0))
     model.hparams.mapping_seed = 1
     assert not torch.equal(model.start_z(ds.images, ds.ids), z)
-
-
-def test_tiny_model_ranks_planted_lesions_above_normals(tmp_path):
-    """Easy setting (larger lesions, calmer anatomy): a tiny AnoGAN, 300 GAN steps on CPU,
-    separates lesions from normals (test AUROC > 0.9). Also checks the pixel maps point at
-    the lesions better than chance."""
-    from conftest import compose_cfg
-
-    from anogan_lightning.train import run
-
-    overrides = [
-        "+method=anogan",
-        "data.image_size=32",
-        "data.n_train=640",
-        "data.n_val=64",
-        "data.n_test=256",
-        "data.lesion_scale=1.5",
-        "data.shape_variability=0.5",
-        "trainer.max_epochs=30",
-        "trainer.enable_progress_bar=false",
-        "method.width=8",
-        "method.mapping_steps=30",
-        "method.mapping_restarts=8",
-        "method.progress=false",
-    ]
-    results = run(compose_cfg(overrides, tmp_path))
-    assert results["test/auroc"] > 0.9, results
-    assert results["test/pixel_auroc"] > 0.6

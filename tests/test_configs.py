@@ -79,3 +79,38 @@ def test_slurm_launcher_composes(tmp_path: Path):
         )
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1
+
+
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+
+
+def test_method_configs_leave_input_size_and_length_to_their_groups():
+    """A method yaml setting data.image_size or trainer.max_epochs would silently beat the data
+    and trainer groups (it is appended after them)."""
+    from omegaconf import OmegaConf
+
+    for method in METHODS:
+        cfg = OmegaConf.load(CONF / "method" / f"{method}.yaml")
+        assert "data" not in cfg, f"conf/method/{method}.yaml sets data.*"
+        assert "max_epochs" not in cfg.get("trainer", {}), f"conf/method/{method}.yaml"
+
+
+@pytest.mark.parametrize("data", ["kermany", "synthetic"])
+def test_every_method_gets_the_data_groups_image_size(data: str, tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.load(CONF / "data" / f"{data}.yaml").image_size
+    sizes = {}
+    for method in METHODS:
+        root = ["data.root=/data/OCT2017"] if data == "kermany" else []
+        cfg = compose_cfg([f"+method={method}", f"data={data}", *root], tmp_path)
+        sizes[method] = (cfg.data.image_size, cfg.method.image_size)
+    assert set(sizes.values()) == {(default, default)}, sizes
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_every_method_builds_at_the_data_default(data: str, tmp_path: Path):
+    for method in METHODS:
+        cfg = compose_cfg([f"+method={method}", f"data={data}"], tmp_path)
+        model = hydra.utils.instantiate(cfg.method, _convert_="all")
+        assert model.hparams.image_size == cfg.data.image_size, method

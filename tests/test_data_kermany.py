@@ -195,6 +195,7 @@ def test_tiny_fit_and_test(tiny: Path):
             assert not any(patient_id(p) == "1" for p in other.paths)
     batch = next(iter(dm.test_dataloader()))
     assert batch["x"].shape == (4, 1, S, S)
+    assert batch["cls"] == ["CNV", "DME", "NORMAL", "NORMAL"]  # class folders, per image
 
 
 def test_colour_image_is_grayscale(tmp_path: Path):

@@ -262,7 +262,8 @@ def test_composes_with_the_train_config(tmp_path, synth: OCTVolumeDataModule):
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
         assert cfg.data.cache_dir == f"{tmp_path}/cache/oct_volume"
-        assert cfg.data.image_size == cfg.method.image_size == S  # the method sets the size
+        assert cfg.data.image_size == cfg.method.image_size == 64  # the data group's size
+        overrides.append(f"data.image_size={S}")
         # the fixture's synthetic volumes and cache: composing must reach the same patches
         cfg = compose(
             "train",

@@ -68,3 +68,72 @@ def test_bad_scores():
         evaluation.auroc(torch.tensor([0.0, math.nan]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="3 scores for 2 labels"):
         evaluation.auroc(torch.zeros(3), torch.tensor([0, 1]))
+
+
+def _noisy(n: int, seed: int = 0, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    return torch.randn(n, generator=g) + shift * labels, labels
+
+
+def test_weighted_auroc_with_unit_weights_is_the_auroc_ties_included():
+    scores, labels = _noisy(200)
+    for s in (scores, torch.round(scores)):  # rounding makes many ties
+        got = evaluation.weighted_aurocs(s, labels, torch.ones(1, 200))
+        assert float(got[0, 0]) == pytest.approx(evaluation.auroc(s, labels), abs=1e-6)
+
+
+def test_weighted_auroc_equals_the_auroc_of_the_copied_resample():
+    scores, labels = _noisy(60, seed=1)
+    weights = evaluation.bootstrap_weights(labels, n_boot=5, seed=3)
+    got = evaluation.weighted_aurocs(scores, labels, weights)[:, 0]
+    for b in range(5):
+        idx = torch.repeat_interleave(torch.arange(60), weights[b].long())
+        assert float(got[b]) == pytest.approx(evaluation.auroc(scores[idx], labels[idx]))
+
+
+def test_bootstrap_is_stratified_and_seeded():
+    _, labels = _noisy(30)
+    w = evaluation.bootstrap_weights(labels, n_boot=50, seed=7)
+    assert torch.all(w[:, labels == 0].sum(1) == 15) and torch.all(w[:, labels == 1].sum(1) == 15)
+    torch.testing.assert_close(w, evaluation.bootstrap_weights(labels, n_boot=50, seed=7))
+    assert not torch.equal(w, evaluation.bootstrap_weights(labels, n_boot=50, seed=8))
+
+
+def test_ci_contains_the_estimate_and_shrinks_with_n():
+    widths = []
+    for n in (100, 400, 1600):
+        scores, labels = _noisy(n)
+        low, high = evaluation.auroc_ci(scores, labels)
+        assert low < evaluation.auroc(scores, labels) < high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] / widths[2] == pytest.approx(4, rel=0.35)  # ~1/sqrt(n)
+
+
+def test_paired_difference_of_a_run_with_itself_is_zero_and_a_real_gap_excludes_zero():
+    scores, labels = _noisy(400)
+    assert evaluation.paired_auroc_difference(scores, scores, labels) == (0.0, 0.0, 0.0)
+    g = torch.Generator().manual_seed(5)
+    worse = scores + 1.5 * torch.randn(400, generator=g)
+    diff, low, high = evaluation.paired_auroc_difference(scores, worse, labels)
+    assert diff == pytest.approx(evaluation.auroc(scores, labels) - evaluation.auroc(worse, labels))
+    assert 0 < low < diff < high
+
+
+def test_per_class_auroc_is_the_auroc_of_the_subset():
+    scores, labels = _noisy(90)
+    classes = [
+        "NORMAL" if y == 0 else ("CNV", "DME", "DRUSEN")[i % 3] for i, y in enumerate(labels)
+    ]
+    out = evaluation.evaluate(scores, labels, "test", classes=classes)
+    for name in ("CNV", "DME", "DRUSEN"):
+        keep = torch.tensor([c in ("NORMAL", name) for c in classes])
+        assert out[f"test/auroc/{name}"] == pytest.approx(
+            evaluation.auroc(scores[keep], labels[keep])
+        )
+        low, high = out[f"test/auroc/{name}_ci_low"], out[f"test/auroc/{name}_ci_high"]
+        assert low <= out[f"test/auroc/{name}"] <= high
+    assert "test/auroc/NORMAL" not in out
+    assert out["test/auroc_ci_low"] < out["test/auroc"] < out["test/auroc_ci_high"]
+    assert "test/auroc_ci_low" not in evaluation.evaluate(scores, labels, "test", n_boot=0)

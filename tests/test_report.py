@@ -75,3 +75,59 @@ def test_report_on_run_dirs_and_errors(tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no run directories"):
         report.report([tmp_path / "empty"])
+
+
+def test_paired_difference_to_a_reference(tmp_path: Path):
+    """--reference: each run's test AUROC minus the reference's on the same images, with a
+    paired CI; the reference against itself is exactly 0; seed groups get a pooled difference;
+    an incomplete run is listed with its reason."""
+    from anogan_lightning import evaluation
+
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_run(sweep / f"ae{seed}", "AutoEncoder", ["+method=autoencoder"], 0.6, seed)
+        _fake_run(sweep / f"an{seed}", "AnoGAN", ["+method=anogan"], 0.9, seed)
+    inc = sweep / "fa0"
+    _fake_run(inc, "FAnoGAN", ["+method=fanogan"], 0.5, 0)
+    (inc / "results.json").write_text(json.dumps({"status": "incomplete", "reason": "no stage 2"}))
+    assert report.main([str(sweep), "--reference", "autoencoder"]) == 0
+    md = (sweep / "report.md").read_text()
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "+0.0000 [+0.000, +0.000]" in rows["ae0"] and "+0.0000 [+0.000, +0.000]" in rows["ae1"]
+    # the AnoGAN run of seed 1 against the auto-encoder run of seed 1, recomputed here
+    a, b = report.read_scores(sweep / "an1"), report.read_scores(sweep / "ae1")
+    _, sa, sb, labels = report.matched_scores(a, b)
+    diff, low, high = evaluation.paired_auroc_difference(sa, sb, labels)
+    assert f"{diff:+.4f} [{low:+.3f}, {high:+.3f}]" in rows["an1"]
+    assert low > 0  # a real gap: 0.9 vs 0.6 separation on 40 images
+    group = next(ln for ln in md.splitlines() if ln.startswith("| AnoGAN | "))
+    pooled = evaluation.pooled_paired_difference(
+        [
+            report.matched_scores(
+                report.read_scores(sweep / f"an{s}"), report.read_scores(sweep / f"ae{s}")
+            )[1:]
+            for s in (0, 1)
+        ],
+        same_images=True,
+    )
+    assert group.endswith(f"{pooled[0]:+.4f} [{pooled[1]:+.3f}, {pooled[2]:+.3f}] |")
+    assert "fa0 (+method=fanogan): incomplete: no stage 2" in md
+    csv_rows = (sweep / "report.csv").read_text().splitlines()
+    assert sum(",incomplete," in r for r in csv_rows) == 1
+    assert report.main([str(sweep), "--reference", "nosuchmethod"]) == 2
+
+
+def test_pooled_difference_resamples_seeds_too():
+    """With seeds that disagree, the pooled interval is wider than the image-only one."""
+    from anogan_lightning import evaluation
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    base = torch.randn(200, generator=g) + labels
+    pairs = [(base + shift * labels, base, labels) for shift in (0.0, 0.5, 1.0)]
+    diff, low, high = evaluation.pooled_paired_difference(pairs, same_images=True)
+    one = [evaluation.paired_auroc_difference(*p) for p in pairs]
+    assert diff == pytest.approx(sum(d for d, _, _ in one) / 3)
+    assert low < diff < high
+    assert high - low > max(h - lo for _, lo, h in one)
+    assert evaluation.pooled_paired_difference([pairs[0]]) == (0.0, 0.0, 0.0)

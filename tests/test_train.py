@@ -56,7 +56,7 @@ def test_command_line_writes_every_artefact(tmp_path: Path):
     assert (run_dir / "checkpoints/model.ckpt").is_file()
     assert (run_dir / "checkpoints/last.ckpt").is_file()
     header = (run_dir / "scores.csv").read_text().splitlines()[0]
-    assert header == "id,label,score,residual,discrimination,pd"
+    assert header == "id,label,score,residual,discrimination,pd,class"
     # the same table is printed at the end
     assert "| auroc |" in proc.stdout and f"{results['test/auroc']:.4f}" in proc.stdout
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -174,3 +174,69 @@ def test_bf16_mixed_precision_keeps_the_mapping_in_float32(tmp_path: Path, monke
     )
     assert math.isfinite(results["test/auroc"])
     assert seen == {"z": torch.float32, "score": torch.float32, "autocast": True}
+
+
+def test_per_class_auroc_and_cis_through_the_entry_point(tmp_path: Path):
+    """scores.csv carries each image's class; test/auroc/<class> is the AUROC of the normals
+    plus that class, computed from scores.csv; every AUROC has a CI around it."""
+    import csv
+
+    from anogan_lightning import evaluation
+
+    results = run(compose_cfg(tiny_overrides("autoencoder"), tmp_path))
+    with open(tmp_path / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["class"] for r in rows if r["label"] == "0"} == {"normal"}
+    classes = {r["class"] for r in rows if r["label"] == "1"}
+    assert classes and classes <= {
+        "fluid",
+        "foci",
+        "drusen",
+        "fluid+foci",
+        "fluid+drusen",
+        "foci+drusen",
+    }
+    for name in classes:
+        sub = [r for r in rows if r["class"] in ("normal", name)]
+        scores = torch.tensor([float(r["score"]) for r in sub])
+        labels = torch.tensor([int(r["label"]) for r in sub])
+        expected = evaluation.auroc(scores, labels)
+        assert results[f"test/auroc/{name}"] == pytest.approx(expected, abs=1e-6)
+        assert (
+            results[f"test/auroc/{name}_ci_low"]
+            <= expected
+            <= results[f"test/auroc/{name}_ci_high"]
+        )
+    for key in ("test/auroc", "test/auroc_l1", "test/auroc_latent", "val/auroc"):
+        assert results[f"{key}_ci_low"] <= results[key] <= results[f"{key}_ci_high"], key
+    assert results["train/epochs"] == 1 and results["train/steps"] == results["train/batches"] > 0
+    assert results["time/total_s"] > results["time/fit_s"] > 0
+
+
+def test_incomplete_training_reports_no_auroc(tmp_path: Path, monkeypatch):
+    """A method whose training_complete() is False: results.json says incomplete with the
+    reason and holds no AUROC; a rerun skips the job and says the same; the report lists it."""
+    from anogan_lightning import report
+    from anogan_lightning.methods.autoencoder import AutoEncoder
+    from anogan_lightning.train import TrainingIncomplete, _finished
+
+    monkeypatch.setattr(AutoEncoder, "training_complete", lambda self: False)
+    monkeypatch.setattr(AutoEncoder, "incomplete_reason", lambda self: "stage 2 never ran")
+    with pytest.raises(TrainingIncomplete, match="stage 2 never ran; no AUROC reported"):
+        run(compose_cfg(tiny_overrides("autoencoder"), tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "incomplete" and results["reason"] == "stage 2 never ran"
+    assert not any("auroc" in k for k in results) and results["train/epochs"] == 1
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
+    assert not (tmp_path / "scores.csv").exists()
+    assert _finished(tmp_path)["status"] == "incomplete"  # skip_finished: not retrained
+    assert report.load_run(tmp_path)["status"] == "incomplete"
+    assert report.load_run(tmp_path)["reason"] == "incomplete: stage 2 never ran"
+
+
+def test_a_network_that_cannot_take_the_size_says_so(tmp_path: Path):
+    overrides = [o for o in tiny_overrides("anogan") if not o.startswith("data.image_size")]
+    with pytest.raises(
+        ValueError, match=r"cannot build method .*AnoGAN \(data.image_size=48\).*power of two"
+    ):
+        run(compose_cfg([*overrides, "data.image_size=48"], tmp_path))

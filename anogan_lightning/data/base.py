@@ -58,7 +58,8 @@ class AnomalyDataModule(pl.LightningDataModule):
     """Train on normal images only; validate and test on both classes.
 
     Subclasses implement :meth:`setup` and assign ``self.train_set``, ``self.val_set`` and
-    ``self.test_set``: datasets whose items are dicts with ``x``, ``label``, ``id`` (and ``mask``).
+    ``self.test_set``: datasets whose items are dicts with ``x``, ``label``, ``id`` (and ``mask``;
+    and ``cls``, the image's class name, where the data knows sub-classes of its anomalies).
     """
 
     def __init__(
@@ -133,7 +134,8 @@ class AnomalyDataModule(pl.LightningDataModule):
 
 
 class ArrayDataset(Dataset):
-    """In-memory images (N, 1, H, W) in [-1, 1] with labels, names and optional masks."""
+    """In-memory images (N, 1, H, W) in [-1, 1] with labels, names, optional masks and optional
+    class names (``cls`` in the items: the sub-class of each image, for per-class metrics)."""
 
     def __init__(
         self,
@@ -141,13 +143,16 @@ class ArrayDataset(Dataset):
         labels: torch.Tensor,
         ids: list[str],
         masks: torch.Tensor | None = None,
+        classes: list[str] | None = None,
     ) -> None:
         assert images.ndim == 4 and images.shape[1] == 1, images.shape
         assert len(images) == len(labels) == len(ids)
+        assert classes is None or len(classes) == len(ids)
         self.images = images
         self.labels = labels.long()
         self.ids = ids
         self.masks = masks
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -156,4 +161,6 @@ class ArrayDataset(Dataset):
         item = {"x": self.images[i], "label": self.labels[i], "id": self.ids[i]}
         if self.masks is not None:
             item["mask"] = self.masks[i]
+        if self.classes is not None:
+            item["cls"] = self.classes[i]
         return item

@@ -222,7 +222,8 @@ def blank_fill(a: np.ndarray) -> np.ndarray:
 
 
 class KermanyDataset(Dataset):
-    """Image files with labels; items ``{"x": (1, S, S) float32 in [-1, 1], "label", "id"}``.
+    """Image files with labels; items ``{"x": (1, S, S) float32 in [-1, 1], "label", "id",
+    "cls"}`` (``cls``: the class folder name, for per-class metrics).
 
     Args:
         crop: ``"random"`` (horizontal position drawn from torch's RNG) or ``"center"``.
@@ -298,7 +299,12 @@ class KermanyDataset(Dataset):
         if self.crop == "random" and a.shape[1] > self.image_size:
             left = int(torch.randint(a.shape[1] - self.image_size + 1, ()))
         x = torch.from_numpy(to_unit_range(crop_square(a, left)))[None]  # (1, S, S)
-        return {"x": x, "label": int(self.labels[i]), "id": str(self.paths[i])}
+        return {
+            "x": x,
+            "label": int(self.labels[i]),
+            "id": str(self.paths[i]),
+            "cls": self.classes[i],
+        }
 
 
 # ------------------------------------------------------------------------------ retina windows
@@ -539,6 +545,7 @@ class RetinaBScanDataset(Dataset):
             "label": int(self.labels[i]),
             "id": f"{self.paths[i]}:y{y}:x{x}" if self.mode == "grid" else str(self.paths[i]),
             "coords": torch.tensor([i, y, x], dtype=torch.long),
+            "cls": self.classes[i],  # its B-scan's class folder, for per-class metrics
         }
         if self.has_mask:
             m = (

@@ -17,7 +17,8 @@ Lesions (label 1), each with a pixel mask:
 - ``fluid``: a dark intraretinal cyst (ellipse in the nuclear layers);
 - ``foci``: a few bright hyperreflective dots in the inner retina;
 - ``drusen``: an RPE elevation, the space under the raised RPE filled with medium reflectivity.
-An anomalous image carries one or two of them. ``lesion_scale`` scales their size (1 = the
+An anomalous image carries one or two of them; its class name (``cls``, for the per-class
+AUROC) names them, e.g. ``fluid`` or ``fluid+drusen``; a normal image's is ``normal``. ``lesion_scale`` scales their size (1 = the
 default, clearly visible setting: cysts and elevations of large DME/drusen size; smaller is
 harder). The lesion parameters come from their own random stream, so the same scan can be
 rendered with and without its lesion.
@@ -153,6 +154,7 @@ def make_split(
     images = np.empty((n, 1, size, size), dtype=np.float32)
     masks = np.zeros((n, 1, size, size), dtype=np.float32)
     labels = np.zeros(n, dtype=np.int64)
+    classes = []
     for i in range(n):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
         lesions: tuple[str, ...] = ()
@@ -167,9 +169,10 @@ def make_split(
         images[i, 0] = img * 2 - 1
         masks[i, 0] = m
         labels[i] = int(m.any())
+        classes.append("+".join(k for k in LESIONS if k in lesions) if m.any() else "normal")
     ids = [f"synthetic/{split}/{i:06d}" for i in range(n)]
     return ArrayDataset(
-        torch.from_numpy(images), torch.from_numpy(labels), ids, torch.from_numpy(masks)
+        torch.from_numpy(images), torch.from_numpy(labels), ids, torch.from_numpy(masks), classes
     )
 
 

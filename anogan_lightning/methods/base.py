@@ -30,8 +30,9 @@ class AnomalyModule(pl.LightningModule):
 
     At the end of validation the Youden cut-off of the val ROC is stored in the ``threshold``
     buffer (so it lives in the checkpoint); test reports metrics at that threshold too.
-    ``records[split]`` keeps per-image ids, labels, scores and a few sample images for the run's
-    artefacts; ``results[split]`` the flat metrics.
+    ``records[split]`` keeps per-image ids, labels, class names (None where the data has no
+    sub-classes), scores and a few sample images for the run's artefacts; ``results[split]`` the
+    flat metrics, with bootstrap CIs of every AUROC and the per-class AUROCs.
     """
 
     #: methods whose scoring back-propagates at test time (latent search) set this
@@ -77,6 +78,20 @@ class AnomalyModule(pl.LightningModule):
     # -- subclasses ---------------------------------------------------------------------------
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def training_complete(self) -> bool:
+        """Whether the fit reached a state whose scores mean something (default: always).
+
+        A method whose training can stop before it is usable (a time budget that ends a
+        multi-stage fit before its last stage) returns False, and says why in
+        :meth:`incomplete_reason`; the entry point then reports the run as incomplete, with no
+        AUROC, instead of scoring it.
+        """
+        return True
+
+    def incomplete_reason(self) -> str:
+        """Why :meth:`training_complete` is False (one line, for results.json and the report)."""
+        return f"{type(self).__name__}: training did not complete"
 
     # -- helpers ------------------------------------------------------------------------------
     def check_finite(self, **losses: Tensor) -> None:
@@ -155,6 +170,7 @@ class AnomalyModule(pl.LightningModule):
             "pixel_masks": [],
             "ids": [],
             "labels": [],
+            "classes": [],  # class names per image where the batches carry them ("cls")
             "score": [],
             "components": defaultdict(list),
             "samples": {0: [], 1: []},
@@ -185,6 +201,8 @@ class AnomalyModule(pl.LightningModule):
         labels = batch["label"].detach().cpu()
         score = out["score"].detach().float().cpu()
         buf["ids"].extend(batch["id"])
+        if "cls" in batch:
+            buf["classes"].extend(str(c) for c in batch["cls"])
         buf["labels"].append(labels)
         buf["score"].append(score)
         for name in self.components:
@@ -242,6 +260,7 @@ class AnomalyModule(pl.LightningModule):
             return buf
         mine = {
             "ids": buf["ids"],
+            "classes": buf["classes"],
             "labels": torch.cat(buf["labels"])
             if buf["labels"]
             else torch.zeros(0, dtype=torch.long),
@@ -265,6 +284,10 @@ class AnomalyModule(pl.LightningModule):
                     keep.append((r, i))
         out = dict(buf)
         out["ids"] = [parts[r]["ids"][i] for r, i in keep]
+        if all(len(p["classes"]) == len(p["ids"]) for p in parts):
+            out["classes"] = [parts[r]["classes"][i] for r, i in keep]
+        else:
+            out["classes"] = []
         out["labels"] = [torch.stack([parts[r]["labels"][i] for r, i in keep])] if keep else []
         out["score"] = [torch.stack([parts[r]["score"][i] for r, i in keep])] if keep else []
         names = parts[0]["components"].keys()
@@ -297,6 +320,7 @@ class AnomalyModule(pl.LightningModule):
         scores = torch.cat(buf["score"])
         components = {k: torch.cat(v) for k, v in buf["components"].items()}
         ids = buf["ids"]
+        classes = buf["classes"] if len(buf["classes"]) == len(labels) else None
         if buf["windows"]:  # window scores -> one score per B-scan, labelled per B-scan
             ds = buf["dataset"]
             index = torch.cat(buf["image_index"])
@@ -313,8 +337,13 @@ class AnomalyModule(pl.LightningModule):
             scores = scores[seen]
             components = {k: v[seen] for k, v in components.items()}
             ids = [id_ for id_, s in zip(ds.image_ids, seen.tolist(), strict=True) if s]
+            if classes is not None:  # each window carries its B-scan's class
+                per_image: list[str | None] = [None] * n
+                for i, c in zip(index.tolist(), classes, strict=True):
+                    per_image[i] = c
+                classes = [c for c, s in zip(per_image, seen.tolist(), strict=True) if s]
         val_threshold = float(self.threshold) if split == "test" else None
-        metrics = evaluation.evaluate(scores, labels, split, components, val_threshold)
+        metrics = evaluation.evaluate(scores, labels, split, components, val_threshold, classes)
         pixel = self._pixel_record(buf)
         if pixel is not None and pixel["masks"].any():
             metrics.update(pixel_eval.pixel_metrics(pixel["maps"], pixel["masks"], split))
@@ -323,6 +352,7 @@ class AnomalyModule(pl.LightningModule):
         self.records[split] = {
             "ids": ids,
             "labels": labels,
+            "classes": classes,
             "score": scores,
             "components": components,
             "samples": buf["samples"][0] + buf["samples"][1],

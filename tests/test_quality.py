@@ -1,0 +1,97 @@
+"""Every method in conf/method/*.yaml ranks planted lesions above normals on easy synthetic data.
+
+A method at chance fails here. Easy setting: larger lesions (``lesion_scale=1.5``), calmer
+anatomy (``shape_variability=0.5``), 32x32, tiny networks (width 8), a training length per
+method chosen so that three seeds (0, 1, 2) pass with room to spare, checked once offline
+(experiments/README.md, "Quality tests"). The threshold is the same for every method:
+test AUROC >= 0.8. A method that cannot reach it with tiny settings is marked
+``xfail(strict=True)`` with the reason, never given a lower threshold.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, METHODS, compose_cfg
+from omegaconf import OmegaConf
+
+from anogan_lightning.train import run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+THRESHOLD = 0.8
+EASY_DATA = [
+    "data.image_size=32",
+    "data.n_val=64",
+    "data.n_test=128",
+    "data.eval_batch_size=128",
+    "data.lesion_scale=1.5",
+    "data.shape_variability=0.5",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "callbacks=none",
+]
+# training length and network size per method; a method without an entry gets DEFAULT
+DEFAULT = {
+    "data.n_train": 512,
+    "data.batch_size": 32,
+    "trainer.max_epochs": 8,
+    "method.width": 8,
+    "method.progress": False,
+}
+SETTINGS: dict[str, dict] = {
+    "autoencoder": {"data.n_train": 256},
+    "pix2pix_latent": {"data.lesion_scale": 2.0},  # its latent score needs larger lesions
+    "acae": {"trainer.max_epochs": 24},
+    "anogan": {
+        "data.n_train": 640,
+        "data.batch_size": 64,
+        "trainer.max_epochs": 30,
+        "method.mapping_steps": 30,
+        "method.mapping_restarts": 8,
+    },
+    "ganr": {
+        "data.n_train": 640,
+        "data.batch_size": 64,
+        "trainer.max_epochs": 30,
+        "method.mapping_steps": 30,
+    },
+    "fanogan": {
+        "trainer.max_epochs": -1,  # the stage lengths end the fit
+        "data.n_train": 256,
+        "method.gan_steps": 50,
+        "method.encoder_steps": 50,
+    },
+}
+# methods whose pixel anomaly maps must also point at the lesions (pixel AUROC above this)
+PIXEL_FLOOR = {"anogan": 0.6}
+XFAIL: dict[str, str] = {
+    "acae": "at seed 0 the discrimination term D ranks lesions below normals (AUROC 0.32-0.34 "
+    "at 24 and 36 epochs) and drags A = 0.9 R + 0.1 D to 0.71-0.74 although the residual R "
+    "alone reaches 0.85-0.90 (seeds 1, 2 pass: 0.85-0.94); the DCGAN discriminator is scored "
+    "under BatchNorm statistics of mostly reconstructed images (issue 11, finding 3)",
+    "fanogan": "WGAN-GP + izi_f does not get there with tiny settings: at 500 critic + 300 "
+    "encoder iterations (165 s of CPU) its residual A_R reaches 0.88 but the critic-feature "
+    "term A_D stays at chance (0.50) and A = A_R + A_D at 0.71; at 100 + 100 A is 0.74",
+}
+
+
+def quality_overrides(method: str) -> list[str]:
+    keys = set(OmegaConf.load(CONF / "method" / f"{method}.yaml").get("method", {}))
+    settings = DEFAULT | SETTINGS.get(method, {})
+    out = [f"+method={method}", *EASY_DATA]
+    for k, v in settings.items():
+        if not k.startswith("method.") or k.removeprefix("method.") in keys:
+            out.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_planted_lesions_above_normals(method: str, tmp_path, request):
+    if method in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[method]))
+    results = run(compose_cfg(quality_overrides(method), tmp_path))
+    aurocs = {k: round(v, 3) for k, v in results.items() if "auroc" in k and "_ci_" not in k}
+    assert results["test/auroc"] >= THRESHOLD, aurocs
+    if method in PIXEL_FLOOR:
+        assert results["test/pixel_auroc"] > PIXEL_FLOOR[method], aurocs

@@ -1,0 +1,78 @@
+"""benchmarks/quality.py on tiny synthetic runs: both tables with the right rows, a resumable
+sweep (a rerun skips finished jobs), a failed job reported rather than fatal."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_DATA
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+TINY = [*TINY_DATA, "data.image_size=16", "method.width=8"]
+
+
+def _quality(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "benchmarks/quality.py"), "--data", "synthetic", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_quality_run_rerun_and_a_failed_job(tmp_path: Path):
+    """Two methods x two seeds, and a third method whose jobs fail (an override only it has,
+    with a bad value): both tables, a rerun that starts only the failed jobs again."""
+    out = tmp_path / "q"
+    args = ["--methods", "autoencoder,pix2pix_image,acae", "--seeds", "2", "--jobs", "2"]
+    args += ["--budget", "00:00:05:00", "--out", str(out), *TINY, "method.feature_layer=99"]
+    proc = _quality(*args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a job failed
+    assert proc.stdout.count(": started") == 6 and proc.stdout.count(": finished in") == 4
+    assert proc.stdout.count(": FAILED after") == 2
+    with open(out / "quality.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert sorted(rows) == ["acae", "autoencoder", "pix2pix_image"]
+    results = {
+        (m, s): json.loads((out / f"sweep/{m}_seed{s}/results.json").read_text())
+        for m in ("autoencoder", "pix2pix_image")
+        for s in (0, 1)
+    }
+    for m in ("autoencoder", "pix2pix_image"):
+        row = rows[m]
+        assert row["n_finished"] == "2" and not row["failed"]
+        mean = (results[(m, 0)]["test/auroc"] + results[(m, 1)]["test/auroc"]) / 2
+        assert float(row["test_auroc_mean"]) == pytest.approx(mean, abs=1e-5)
+        assert float(row["epochs_mean"]) == 1 and float(row["wall_min_mean"]) > 0
+        assert float(row["steps_mean"]) == results[(m, 0)]["train/steps"] > 0
+        assert any(k.startswith("test_auroc/fluid") for k in row)  # per-class columns
+    ref = rows["autoencoder"]
+    assert (ref["delta_vs_reference"], ref["delta_ci_low"], ref["delta_ci_high"]) == ("0", "0", "0")
+    p2p = rows["pix2pix_image"]
+    low, diff, high = (
+        float(p2p[k]) for k in ("delta_ci_low", "delta_vs_reference", "delta_ci_high")
+    )
+    assert low <= diff <= high and p2p["delta_seed_pairs"] == "2"
+    assert rows["acae"]["n_finished"] == "0" and "out of range" in rows["acae"]["failed"]
+    md = (out / "quality.md").read_text()
+    assert "| autoencoder | 2/2 |" in md and "| pix2pix_image | 2/2 |" in md
+    assert "| acae | 0/2 |" in md and "Failed or incomplete jobs (2)" in md
+    assert "- acae seed 0 (" in md and "feature_layer 99 out of range" in md
+    assert "Δ vs autoencoder" in md
+    assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+
+    # a rerun skips the finished jobs, rewriting no result, and retries the failed ones
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("sweep/*/results.json")}
+    assert len(mtimes) == 4
+    again = _quality(*args, cwd=tmp_path)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert again.stdout.count("already finished, skipped") == 4
+    assert again.stdout.count(": started") == 2 and "acae seed 1: started" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # other settings in the same folder are refused
+    other = _quality(*args[: -len(TINY) - 1], "trainer.max_epochs=2", cwd=tmp_path)
+    assert other.returncode == 2 and "other settings" in other.stderr
