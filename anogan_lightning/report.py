@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from anogan_lightning import evaluation  # noqa: E402
+from anogan_lightning import evaluation, provenance  # noqa: E402
 
 COLUMNS = (
     ("val AUROC", "val/auroc"),
@@ -338,6 +338,27 @@ def _rel(run: Path, root: Path) -> str:
         return str(run)
 
 
+#: provenance entries of results.json repeated in report.csv (what made each number)
+PROVENANCE_COLUMNS = (
+    "commit",
+    "dirty",
+    "version",
+    "torch",
+    "lightning",
+    "device",
+    "precision",
+    "threads",
+    "data_root",
+    "data_test_sha256",
+    "command",
+)
+
+
+def _provenance(r: dict) -> list[str]:
+    info = provenance.of(r.get("results") or {})
+    return ["" if info.get(k) is None else str(info[k]) for k in PROVENANCE_COLUMNS]
+
+
 def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -> None:
     delta = ["delta_test_auroc", "delta_ci_low", "delta_ci_high"]
     with open(path, "w", newline="") as fh:
@@ -356,6 +377,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                 "test/auroc_components",
                 "test/auroc_classes",
                 "reason",
+                *(f"provenance/{k}" for k in PROVENANCE_COLUMNS),
             ]
         )
         for r in records:
@@ -375,6 +397,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     _components(r, "; "),
                     _components(r, "; ", "classes"),
                     "",
+                    *_provenance(r),
                 ]
             )
         for r in failed:
@@ -390,6 +413,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     "",
                     "",
                     r["reason"],
+                    *_provenance(r),
                 ]
             )
 

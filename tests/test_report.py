@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def _fake_run(d: Path, method: str, overrides: list[str], auroc: float, seed: in
     )
     results = {"method": method, "val/auroc": auroc - 0.01, "test/auroc": auroc, "test/ap": 0.5}
     results |= {"test/auroc_residual": auroc - 0.05, "test/pixel_auroc": 0.99}
+    results |= {"provenance/commit": f"c{seed}", "provenance/threads": 2}
     (d / "results.json").write_text(json.dumps(results))
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0, 1] * 20)
@@ -57,6 +59,10 @@ def test_report_rows_seeds_and_failures(tmp_path: Path, capsys):
     assert "0.8500 ± 0.0707" in out
     rows = (sweep / "report.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and sum(",failed," in r for r in rows) == 1
+    with open(sweep / "report.csv", newline="") as fh:  # each row names what made it
+        table = {r["run"]: r for r in csv.DictReader(fh)}
+    assert table["0"]["provenance/commit"] == "c0" and table["2"]["provenance/threads"] == "2"
+    assert table["3"]["provenance/commit"] == ""  # the failed run wrote no results.json
     assert (sweep / "roc.png").stat().st_size > 0
     assert (sweep / "score_distributions.png").stat().st_size > 0
 
