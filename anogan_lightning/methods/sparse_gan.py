@@ -51,6 +51,15 @@ from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.nets.srn import SparsityRegularizationNet
 
 DECODE_FROM = ("latent", "code")  # what G_de reads: H_in, or its sparse approximation W_d s
+# what L_sp acts on and what it trains (module docstring): "paper" S(H_in) on the raw latent;
+# "scaled" S(H_in / rms(H_in)); "split" the SRN on S(sg(H_in / rms)), G_en on the residual
+SPARSITY_MODES = ("paper", "scaled", "split")
+
+
+def scale_normalise(h: Tensor, eps: float = 1e-10) -> Tensor:
+    """H / sqrt(mean(H^2)) per sample (B, C, h, w): invariant to H -> c H for every c > 0."""
+    rms = h.pow(2).flatten(1).mean(1).add(eps).sqrt()
+    return h / rms.view(-1, *([1] * (h.dim() - 1)))
 
 
 class SparseGAN(Pix2Pix):
@@ -76,12 +85,30 @@ class SparseGAN(Pix2Pix):
         decode_from: str = "latent",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
+        lambda_lat: float = 0.0,
+        sparsity_mode: str = "paper",
     ) -> None:
         super().__init__(
-            channels, width, image_size, score_space, lambda_re, lambda_adv, adv_loss, lr, betas
+            channels,
+            width,
+            image_size,
+            score_space,
+            lambda_re,
+            lambda_adv,
+            adv_loss,
+            lr,
+            betas,
+            lambda_lat,
         )
         if decode_from not in DECODE_FROM:
             raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
+        if sparsity_mode not in SPARSITY_MODES:
+            raise ValueError(f"sparsity_mode={sparsity_mode!r}; expected one of {SPARSITY_MODES}")
+        if sparsity_mode == "split" and decode_from == "code":
+            raise ValueError(
+                'sparsity_mode="split" detaches the SRN from G_en, so the decoder cannot read '
+                'its code: use decode_from="latent" with it'
+            )
         self.save_hyperparameters()
         self.srn = SparsityRegularizationNet(
             self.generator.encoder.out_channels, srn_code_channels, srn_steps, srn_kernel, alpha
@@ -90,24 +117,39 @@ class SparseGAN(Pix2Pix):
     def generator_parameters(self) -> list[nn.Parameter]:
         return list(self.generator.parameters()) + list(self.srn.parameters())
 
+    def sparse_input(self, h_in: Tensor) -> Tensor:
+        """What S codes: H_in ("paper") or H_in / rms(H_in) per sample ("scaled", "split")."""
+        h = h_in.float()
+        return h if self.hparams.get("sparsity_mode", "paper") == "paper" else scale_normalise(h)
+
     def generate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``decode_from="code"``: I_re = G_de(W_d S(H_in)), the code s returned for L_sp."""
+        """``decode_from="code"``: I_re = G_de(W_d S(H)), the code s returned for L_sp."""
         if self.hparams.decode_from == "latent":
             return super().generate(x)
         h_in = self.generator.encoder(x)
-        code = self.srn(h_in.float())
+        code = self.srn(self.sparse_input(h_in))
         x_hat = self.generator.decoder(self.srn.reconstruct(code).to(h_in.dtype))
         return x_hat, h_in, code
+
+    def sparsity_loss(self, h_in: Tensor, code: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(L_sp (scalar) for the G step, the code s) in this run's ``sparsity_mode``."""
+        h = self.sparse_input(h_in)
+        if self.hparams.get("sparsity_mode", "paper") != "split":
+            if code is None:
+                code = self.srn(h)
+            return self.srn.objective(h, code).mean(), code  # L_sp = S(H), eq. 6-7
+        # "split": S and W_d learn the coding of sg(H) (L_scl, eq. 6); G_en only moves H towards
+        # its sparse approximation sg(W_d s), a scale-free signal (H is normalised)
+        code = self.srn(h.detach())
+        loss_scl = self.srn.objective(h.detach(), code)
+        target = self.srn.reconstruct(code).detach()
+        loss_g = 0.5 * (h - target).pow(2).flatten(1).sum(1) / h[0].numel()
+        return (loss_scl + loss_g).mean(), code
 
     def extra_generator_loss(
         self, h_in: Tensor, aux: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        if aux is None:
-            loss_sp, code = self.srn.loss(h_in.float())
-        else:  # the code the decoder read (decode_from="code")
-            code = aux
-            loss_sp = self.srn.objective(h_in.float(), code)
-        loss_sp = loss_sp.mean()  # L_sp = S(H_in), eq. 7
+        loss_sp, code = self.sparsity_loss(h_in, aux)  # aux: the code the decoder read
         logs = {
             "train/loss_sp": loss_sp,
             "train/code_zeros": (code == 0).float().mean().detach(),  # fraction exactly zero
