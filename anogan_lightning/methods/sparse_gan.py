@@ -13,22 +13,45 @@ the validation set (the base class stores the validation Youden cut-off and repo
 sensitivity on test at it). Pixel anomaly map: the Anomaly Activation Map (sec. 2.4, eq. 8):
 w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c], upsampled to the image.
 Components: ``image`` (#1's score) and ``latent`` (= ``score``). The SRN does not run at test
-time: the paper's score does not use it, and the query's own L_sp, tried as a component, ranked
-below chance on kermany-mini (test AUROC 0.39-0.49) while costing ~45 % of the scoring FLOPs at
-224 x 224 (experiments/README.md).
+time: the paper's score does not use it (experiments/README.md has what the query's own L_sp
+gave as a score, and what it costs).
+
+Readings of L_sp (``sparsity_mode``; the paper gives eq. 6-7 but not what the scale of H_in is):
+- ``"paper"`` (paper-literal): L_sp = S(H_in) on the raw latent, back-propagating into G_en, the
+  SRN and W_d alike. The objective is scale-dependent (both 1/2 ||H - W_d s||^2 and alpha ||s||_1
+  shrink with H), and shrinking H_in costs the reconstruction nothing: the last encoder stage is
+  BatchNorm without affine + ReLU, which fixes the variance of the pre-activation per channel
+  but not the energy after the ReLU (a skewed pre-activation, a few large negative values and
+  many small positive ones, has little energy left), and the decoder's first transposed
+  convolution is followed by BatchNorm, which undoes any scale. So G_en meets L_sp by shrinking
+  H_in, and ||H_in - H_re||^2 ends up comparing a latent whose scale (``train/h_energy``) and
+  between-image variance (``train/h_between_var``) collapse during training.
+- ``"scaled"``: L_sp = S(H_in / rms(H_in)), rms per sample over (C, h, w), gradient through the
+  norm too, so L_sp(c H) = L_sp(H) for every c > 0: it can be lowered only by making H codable
+  by few atoms, not by shrinking it.
+- ``"split"``: the SRN and W_d are trained on their own objective L_scl at sg(H_in / rms) (eq. 6:
+  the SRN learns to solve the coding problem, nothing of it reaches G_en), and G_en receives
+  only the scale-free pull 1/2 ||H_in / rms - sg(W_d s)||^2 / (C h w) towards its sparse
+  approximation. Not with ``decode_from="code"`` (the decoder would read a detached code).
+Latent consistency (``lambda_lat``, from ``methods/pix2pix.py``; 0 in the paper): the
+scale-free lambda_lat ||E(G(I_in)) - H_in||^2 / ||H_in||^2, the only term that trains the latent
+score itself (G_en(G(x)) ~ G_en(x) on normals); eq. 3 and 7 have none.
+Defaults: ``sparsity_mode="paper"``, ``lambda_lat=0``, ``decode_from="latent"`` (the paper-literal
+reading); experiments/README.md has the ablation over these keys (``conf/sweep/sparse_gan_modes``)
+and why no other reading is the default.
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224
   (64-128-256-512-1024 channels at ``width=64``) giving H_in 1024 x 7 x 7; the last encoder stage
-  is BatchNorm without affine parameters + ReLU, so H_in >= 0 (CAM-like features for the AAM)
-  with a fixed per-channel scale (L_sp cannot be lowered by shrinking H_in).
+  is BatchNorm without affine parameters + ReLU, so H_in >= 0 (CAM-like features for the AAM);
+  its scale is not fixed (see ``"paper"`` above).
 - The SRN is a regulariser: the decoder reads H_in itself, not the sparse code
   (``decode_from="latent"``, the default); L_sp pulls G_en's features towards what a dictionary
   learnt on normal retinas codes sparsely, which is the constraint the latent score then
   measures departures from. The paper's text also admits the other reading, the decoder
-  reconstructing from the sparse approximation W_d s of H_in (``decode_from="code"``: a sparse
-  bottleneck, as in memory-augmented auto-encoders, so a query the normal atoms cannot code
-  sparsely is reconstructed badly); both are here, compared in experiments/README.md.
+  reconstructing from the sparse approximation W_d s of the (for ``"scaled"``: normalised)
+  H_in (``decode_from="code"``: a sparse bottleneck, as in memory-augmented auto-encoders, so a
+  query the normal atoms cannot code sparsely is reconstructed badly).
 - SRN (``nets/srn.py``): T = ``srn_steps`` unrolled Sparse-LSTM steps (default 3) with k x k
   convolutions (``srn_kernel``, default 3) for the input and state products, gates and cell as
   in an LSTM, a learnable per-channel soft-threshold theta = exp(log_theta) > 0 as output
@@ -37,10 +60,7 @@ Choices the paper leaves open, made here (each also in the module it concerns):
 - L_sp is a mean per feature element (sum / (C h w)), batch-averaged; the sparsity weight of
   eq. 6 is ``alpha`` (0.2: see ``nets/srn.py`` and the tests for the sparsity it gives).
 - W_d, the SRN and G are updated by the same Adam optimiser (lr 1e-3) on L_G; D as in pix2pix.
-- Adversarial loss, optimisers, no latent-consistency loss: as ``methods/pix2pix.py``.
-
-Measured (experiments/README.md): on kermany-mini at ~1000 steps L_sp lowers the effective
-rank of H_in (29 -> 12.5) and the latent score's AUROC with it, more the larger lambda_sp.
+- Adversarial loss, optimisers: as ``methods/pix2pix.py``.
 """
 
 from __future__ import annotations
