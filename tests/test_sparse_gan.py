@@ -4,6 +4,7 @@ G_en's weights, the Anomaly Activation Map, and the encoder-decoder's shapes."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -186,7 +187,9 @@ def test_decode_from_code_reconstructs_through_the_sparse_code():
     """decode_from="code": G_de reads W_d S(H_in), so the dictionary shapes the reconstruction
     and L_sp is the objective at the code the decoder read."""
     torch.manual_seed(0)
-    model = SparseGAN(width=4, image_size=16, decode_from="code")  # train mode: batch stats
+    model = SparseGAN(  # the paper-literal reading; train mode: batch stats
+        width=4, image_size=16, decode_from="code", sparsity_mode="paper", lambda_sp=50.0
+    )
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         x_hat, h_in, code = model.generate(x)
@@ -241,21 +244,21 @@ def test_latent_stats_values():
 
 
 MODES = [
-    {"sparsity_mode": "paper"},
-    {"sparsity_mode": "scaled"},
-    {"sparsity_mode": "split"},
-    {"sparsity_mode": "scaled", "lambda_lat": 1.0},
-    {"sparsity_mode": "scaled", "decode_from": "code"},
+    {},  # the defaults
+    {"sparsity_mode": "paper", "lambda_lat": 0.0, "lambda_sp": 50.0},  # paper-literal
+    {"sparsity_mode": "scaled", "lambda_lat": 0.0},
+    {"sparsity_mode": "split", "lambda_lat": 0.0},
+    {"sparsity_mode": "scaled", "decode_from": "code", "lambda_lat": 0.0},
 ]
 
 
-@pytest.mark.parametrize("kwargs", MODES, ids=lambda k: "-".join(map(str, k.values())))
+@pytest.mark.parametrize("kwargs", MODES, ids=lambda k: "-".join(map(str, k.values())) or "default")
 def test_each_mode_trains_and_logs_the_latent(kwargs):
     model = SparseGAN(width=4, image_size=16, **kwargs)
     steps = _train_on_fixed_batch(model, 30)
     for key in ("train/h_energy", "train/h_zeros", "train/h_between_var", "train/loss_sp"):
         assert all(key in s and math.isfinite(s[key]) for s in steps), key
-    assert ("train/loss_lat" in steps[-1]) == ("lambda_lat" in kwargs)
+    assert ("train/loss_lat" in steps[-1]) == (kwargs.get("lambda_lat", 1.0) > 0)
     re = [s["train/loss_re"] for s in steps]
     assert sum(re[-3:]) < sum(re[:3]), re
     assert 0 <= steps[-1]["train/h_zeros"] <= 1 and steps[-1]["train/h_energy"] > 0
@@ -320,3 +323,14 @@ def test_encode_fake_leaves_running_statistics_alone():
     assert all(m.momentum == 0.1 for m in bn)
     model.E(x)
     assert not all(torch.equal(a, m.running_mean) for a, m in zip(before, bn, strict=True))
+
+
+def test_yaml_defaults_match_the_class_defaults():
+    """conf/method/sparse_gan.yaml and SparseGAN() give the same reading (module docstring)."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(Path(__file__).parents[1] / "conf/method/sparse_gan.yaml").method
+    hp = SparseGAN(width=4, image_size=16).hparams
+    for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
+        assert yaml[key] == hp[key], key
+    assert (hp.sparsity_mode, hp.lambda_sp, hp.lambda_lat) == ("split", 5.0, 1.0)

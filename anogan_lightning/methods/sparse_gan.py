@@ -4,7 +4,8 @@ Anomaly Detection in Retinal OCT Image", ISBI 2020).
 pix2pix #2 (``methods/pix2pix.py``) plus the Sparsity Regularization Net S on the latent feature
 H_in = G_en(I_in) (1024 x 7 x 7 for a 224 x 224 input, sec. 2.4). Total generator loss (eq. 7):
 
-    L_G = lambda_re L_re + lambda_adv L_adv + lambda_sp L_sp,   (20, 1, 50 in sec. 3.2)
+    L_G = lambda_re L_re + lambda_adv L_adv + lambda_sp L_sp   (20, 1, 50 in sec. 3.2)
+          [+ lambda_lat L_lat, not in the paper; on by default, see below]
 
 with L_sp = S(H_in) the sparse-coding objective 1/2 ||H_in - W_d s||^2 + alpha ||s||_1 at the
 code s that S computes (``nets/srn.py``). Score (eq. 4): A(I) = ||H_in - H_re||^2, H_re =
@@ -36,9 +37,10 @@ Readings of L_sp (``sparsity_mode``; the paper gives eq. 6-7 but not what the sc
 Latent consistency (``lambda_lat``, from ``methods/pix2pix.py``; 0 in the paper): the
 scale-free lambda_lat ||E(G(I_in)) - H_in||^2 / ||H_in||^2, the only term that trains the latent
 score itself (G_en(G(x)) ~ G_en(x) on normals); eq. 3 and 7 have none.
-Defaults: ``sparsity_mode="paper"``, ``lambda_lat=0``, ``decode_from="latent"`` (the paper-literal
-reading); experiments/README.md has the ablation over these keys (``conf/sweep/sparse_gan_modes``)
-and why no other reading is the default.
+Defaults: ``sparsity_mode="split"``, ``lambda_sp=5``, ``lambda_lat=1``, ``decode_from="latent"``,
+chosen on validation AUROC by the ablation over these keys (``conf/sweep/sparse_gan_modes``,
+experiments/README.md). The paper-literal reading is ``sparsity_mode="paper"``, ``lambda_sp=50``,
+``lambda_lat=0``.
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224
@@ -96,7 +98,7 @@ class SparseGAN(Pix2Pix):
         score_space: str = "latent",
         lambda_re: float = 20.0,
         lambda_adv: float = 1.0,
-        lambda_sp: float = 50.0,
+        lambda_sp: float = 5.0,
         adv_loss: str = "bce",
         alpha: float = 0.2,
         srn_steps: int = 3,
@@ -105,8 +107,8 @@ class SparseGAN(Pix2Pix):
         decode_from: str = "latent",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
-        lambda_lat: float = 0.0,
-        sparsity_mode: str = "paper",
+        lambda_lat: float = 1.0,
+        sparsity_mode: str = "split",
     ) -> None:
         super().__init__(
             channels,
