@@ -34,6 +34,17 @@ def mean_sq(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def latent_stats(h: Tensor) -> dict[str, Tensor]:
+    """Collapse monitors of a latent H (B, ...): E[H^2], the fraction of exact zeros and the
+    between-image variance (mean over features of the variance across the batch)."""
+    h = h.float().flatten(1)
+    return {
+        "train/h_energy": h.pow(2).mean(),
+        "train/h_zeros": (h == 0).float().mean(),
+        "train/h_between_var": h.var(0).mean() if len(h) > 1 else h.new_zeros(()),
+    }
+
+
 def anomaly_activation_map(
     h_in: Tensor, h_re: Tensor, size: tuple[int, int] | None = None
 ) -> Tensor:

@@ -3,16 +3,21 @@ G_en's weights, the Anomaly Activation Map, and the encoder-decoder's shapes."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.methods.autoencoder import AutoEncoder
 from anogan_lightning.methods.pix2pix import Pix2Pix
-from anogan_lightning.methods.sparse_gan import SparseGAN
+from anogan_lightning.methods.sparse_gan import SparseGAN, scale_normalise
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator, n_stages
 from anogan_lightning.nets.srn import SparsityRegularizationNet, soft_threshold
-from anogan_lightning.scoring import anomaly_activation_map
+from anogan_lightning.scoring import anomaly_activation_map, latent_stats
 
 C, K, ACTIVE = 16, 32, 2  # feature channels, atoms, non-zeros per ground-truth code
 
@@ -206,7 +211,9 @@ def test_decode_from_code_reconstructs_through_the_sparse_code():
     """decode_from="code": G_de reads W_d S(H_in), so the dictionary shapes the reconstruction
     and L_sp is the objective at the code the decoder read."""
     torch.manual_seed(0)
-    model = SparseGAN(width=4, image_size=16, decode_from="code")  # train mode: batch stats
+    model = SparseGAN(  # the paper-literal reading; train mode: batch stats
+        width=4, image_size=16, decode_from="code", sparsity_mode="paper", lambda_sp=50.0
+    )
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
         x_hat, h_in, code = model.generate(x)
@@ -220,3 +227,134 @@ def test_decode_from_code_reconstructs_through_the_sparse_code():
     assert out["score"].shape == (3,) and torch.isfinite(out["score"]).all()
     with pytest.raises(ValueError, match="decode_from"):
         SparseGAN(width=4, image_size=16, decode_from="sparse")
+
+
+# -- the latent's scale: logging, scale-free sparsity, latent consistency (issue 11, item 3) -----
+
+
+class _Metrics(pl.Callback):
+    """The logged training metrics after every batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def _train_on_fixed_batch(model: pl.LightningModule, steps: int) -> list[dict[str, float]]:
+    pl.seed_everything(0)
+    batch = next(iter(DataLoader(make_split(16, 16, "train", seed=2), batch_size=16)))
+    metrics = _Metrics()
+    trainer = pl.Trainer(
+        max_steps=2 * steps,  # two optimizers: Lightning counts both updates
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[metrics],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
+    return metrics.steps
+
+
+def test_latent_stats_values():
+    h = torch.tensor([[0.0, 2.0], [0.0, 4.0]])  # 2 images, 2 features
+    stats = latent_stats(h)
+    assert float(stats["train/h_energy"]) == pytest.approx((4 + 16) / 4)
+    assert float(stats["train/h_zeros"]) == pytest.approx(0.5)
+    assert float(stats["train/h_between_var"]) == pytest.approx((0 + 2.0) / 2)  # var(2, 4) = 2
+
+
+MODES = [
+    {},  # the defaults
+    {"sparsity_mode": "paper", "lambda_lat": 0.0, "lambda_sp": 50.0},  # paper-literal
+    {"sparsity_mode": "scaled", "lambda_lat": 0.0},
+    {"sparsity_mode": "split", "lambda_lat": 0.0},
+    {"sparsity_mode": "scaled", "decode_from": "code", "lambda_lat": 0.0},
+]
+
+
+@pytest.mark.parametrize("kwargs", MODES, ids=lambda k: "-".join(map(str, k.values())) or "default")
+def test_each_mode_trains_and_logs_the_latent(kwargs):
+    model = SparseGAN(width=4, image_size=16, **kwargs)
+    steps = _train_on_fixed_batch(model, 30)
+    for key in ("train/h_energy", "train/h_zeros", "train/h_between_var", "train/loss_sp"):
+        assert all(key in s and math.isfinite(s[key]) for s in steps), key
+    assert ("train/loss_lat" in steps[-1]) == (kwargs.get("lambda_lat", 1.0) > 0)
+    re = [s["train/loss_re"] for s in steps]
+    assert sum(re[-3:]) < sum(re[:3]), re
+    assert 0 <= steps[-1]["train/h_zeros"] <= 1 and steps[-1]["train/h_energy"] > 0
+
+
+def test_pix2pix_logs_the_latent_and_latent_consistency_trains():
+    steps = _train_on_fixed_batch(Pix2Pix(width=4, image_size=16, lambda_lat=1.0), 30)
+    assert {"train/h_energy", "train/h_zeros", "train/h_between_var"} <= set(steps[-1])
+    lat = [s["train/loss_lat"] for s in steps]
+    assert sum(lat[-3:]) < sum(lat[:3]), lat
+    assert "train/loss_lat" not in _train_on_fixed_batch(Pix2Pix(width=4, image_size=16), 2)[-1]
+
+
+@pytest.mark.parametrize("mode", ["scaled", "split"])
+def test_scale_free_sparsity_loss_ignores_the_scale_of_h(mode):
+    """L_sp(c H) = L_sp(H): shrinking H_in cannot lower it (the paper-literal mode's can)."""
+    torch.manual_seed(0)
+    model = SparseGAN(width=4, image_size=16, sparsity_mode=mode)
+    paper = SparseGAN(width=4, image_size=16, sparsity_mode="paper")
+    paper.srn.load_state_dict(model.srn.state_dict())
+    h = torch.rand(4, model.srn.in_channels, 4, 4)
+    with torch.no_grad():
+        ref = model.sparsity_loss(h)[0]
+        for c in (0.01, 0.3, 10.0):
+            torch.testing.assert_close(model.sparsity_loss(c * h)[0], ref, rtol=1e-4, atol=1e-6)
+        literal = [float(paper.sparsity_loss(c * h)[0]) for c in (0.01, 1.0, 10.0)]
+    assert literal[0] < literal[1] < literal[2]  # paper: L_sp falls as H_in shrinks
+
+
+def test_split_mode_trains_the_srn_on_its_own_objective():
+    """ "split": S and W_d get the gradient of L_scl at sg(H); G_en gets a gradient too."""
+    torch.manual_seed(0)
+    model = SparseGAN(width=4, image_size=16, sparsity_mode="split")
+    h = torch.rand(4, model.srn.in_channels, 4, 4, requires_grad=True)
+    loss, _ = model.sparsity_loss(h)
+    srn_params = list(model.srn.parameters())
+    grads = torch.autograd.grad(loss, [h, *srn_params], allow_unused=True)
+    hn = scale_normalise(h.detach())
+    ref = torch.autograd.grad(
+        model.srn.objective(hn, model.srn(hn)).mean(), srn_params, allow_unused=True
+    )
+    for g, r in zip(grads[1:], ref, strict=True):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, r)
+    assert grads[0].abs().sum() > 0  # G_en is still pulled towards its sparse approximation
+    with pytest.raises(ValueError, match="split"):
+        SparseGAN(width=4, image_size=16, sparsity_mode="split", decode_from="code")
+    with pytest.raises(ValueError, match="sparsity_mode"):
+        SparseGAN(width=4, image_size=16, sparsity_mode="l1")
+
+
+def test_encode_fake_leaves_running_statistics_alone():
+    model = Pix2Pix(width=4, image_size=16, lambda_lat=1.0).train()
+    bn = [m for m in model.E.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    h_re = model.encode_fake(x)
+    assert h_re.requires_grad
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bn, strict=True))
+    assert all(m.momentum == 0.1 for m in bn)
+    model.E(x)
+    assert not all(torch.equal(a, m.running_mean) for a, m in zip(before, bn, strict=True))
+
+
+def test_yaml_defaults_match_the_class_defaults():
+    """conf/method/sparse_gan.yaml and SparseGAN() give the same reading (module docstring)."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(Path(__file__).parents[1] / "conf/method/sparse_gan.yaml").method
+    hp = SparseGAN(width=4, image_size=16).hparams
+    for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
+        assert yaml[key] == hp[key], key
+    assert (hp.sparsity_mode, hp.lambda_sp, hp.lambda_lat) == ("split", 5.0, 1.0)

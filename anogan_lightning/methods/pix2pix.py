@@ -23,8 +23,17 @@ Choices the paper leaves open:
   matching ||f(I_in) - f(G(I_in))||^2 on D's last hidden block, more stable but not the paper's.
 - Optimisers: Adam lr 1e-3 (sec. 3.2) for G and D, betas (0.5, 0.999) as in pix2pix; one D and
   one G update per batch.
-- No latent-consistency loss (GANomaly's L_enc): the paper's loss has none, so #1 and #2 are the
-  same trained model scored two ways.
+- What trains the latent score (#2): nothing directly. The paper's loss (eq. 3) has no
+  latent-consistency term, so G_en(G(x)) ~ G_en(x) on normals holds only as far as a good
+  reconstruction implies it; #1 and #2 are the same trained model scored two ways (the default,
+  faithful). ``lambda_lat > 0`` (off by default, not the paper's) adds GANomaly's L_enc in a
+  scale-free form, lambda_lat ||E(G(I_in)) - H_in||^2 / ||H_in||^2 (per sample): a plain
+  ||.||^2 could be lowered by shrinking H_in, which the decoder's first BatchNorm makes free.
+  In training H_re = E(G(I_in)) is computed without updating G_en's BatchNorm running
+  statistics, so they stay those of real images.
+- Logged every step: ``train/h_energy`` E[H_in^2], ``train/h_zeros`` (fraction of H_in exactly
+  0) and ``train/h_between_var`` (variance of H_in across the batch, mean over features), so a
+  collapse of the latent shows in the training curves.
 - Scores are means over elements (a constant factor from the paper's sums: same ranking).
 """
 
@@ -35,7 +44,7 @@ from torch import Tensor, nn
 from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator
-from anogan_lightning.scoring import anomaly_activation_map, mean_sq, residual_map
+from anogan_lightning.scoring import anomaly_activation_map, latent_stats, mean_sq, residual_map
 
 SCORE_SPACES = ("image", "latent")
 ADV_LOSSES = ("bce", "feature")
@@ -57,6 +66,7 @@ class Pix2Pix(AnomalyModule):
         adv_loss: str = "bce",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
+        lambda_lat: float = 0.0,
     ) -> None:
         super().__init__()
         if score_space not in SCORE_SPACES:
@@ -90,6 +100,18 @@ class Pix2Pix(AnomalyModule):
         """Terms added to L_G besides L_re and L_adv (Sparse-GAN's lambda_sp L_sp)."""
         return h_in.new_zeros(()), {}
 
+    def encode_fake(self, x_hat: Tensor) -> Tensor:
+        """H_re = E(x_hat) in training, leaving G_en's BatchNorm running statistics untouched."""
+        norms = [m for m in self.E.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0  # running = (1 - 0) running + 0 batch
+        try:
+            return self.E(x_hat)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if batch is None:
             return
@@ -113,6 +135,12 @@ class Pix2Pix(AnomalyModule):
                 f_fake = self.discriminator.forward_with_features(x_hat)[1]
                 loss_adv = (f_real - f_fake).pow(2).mean()
             extra, extra_logs = self.extra_generator_loss(h_in, aux)
+            if hp.get("lambda_lat", 0.0) > 0:  # scale-free latent consistency (module docstring)
+                h32 = h_in.float()
+                energy = h32.pow(2).flatten(1).mean(1)  # (B,)
+                loss_lat = (mean_sq(self.encode_fake(x_hat), h32) / (energy + 1e-6)).mean()
+                extra = extra + hp.lambda_lat * loss_lat
+                extra_logs["train/loss_lat"] = loss_lat
             loss_g = hp.lambda_re * loss_re + hp.lambda_adv * loss_adv + extra
             self.check_finite(
                 **{"train/loss_re": loss_re, "train/loss_adv": loss_adv, **extra_logs}
@@ -120,7 +148,7 @@ class Pix2Pix(AnomalyModule):
             self.optimizer_update(opt_g, loss_g, "train/loss_g")
 
         logs |= {"train/loss_g": loss_g, "train/loss_re": loss_re, "train/loss_adv": loss_adv}
-        logs |= extra_logs
+        logs |= extra_logs | latent_stats(h_in.detach())
         self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
     def forward_scores(self, x: Tensor) -> dict[str, Tensor]:

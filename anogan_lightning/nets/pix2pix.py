@@ -9,9 +9,10 @@ gives the paper's latent H_in of 1024 x 7 x 7 (5 stages: 64-128-256-512-1024), `
 No skip connections (unlike pix2pix's U-Net): a skip would carry the input around the latent,
 so the reconstruction would copy lesions and neither the image nor the latent score could see
 them. The last encoder stage is conv -> BatchNorm without affine parameters -> ReLU: H_in is
-non-negative, as the features of a class activation map (the AAM, eq. 8, is built on it), and
-its per-channel scale is fixed, so no loss on H_in (the SRN's L_sp, the latent score) can be
-lowered by shrinking it (the decoder's first BatchNorm would undo any scale).
+non-negative, as the features of a class activation map (the AAM, eq. 8, is built on it). The
+BatchNorm fixes the variance of the pre-activation per channel, not the energy after the ReLU,
+and the decoder's first BatchNorm undoes any scale: a scale-dependent loss on H_in can still be
+lowered by shrinking it (why Sparse-GAN's ``sparsity_mode`` defaults to a scale-free reading).
 
 Memory format: weights and activations are channels-last (NHWC,
 :func:`anogan_lightning.nets.common.channels_last`).
@@ -80,7 +81,7 @@ class Encoder(nn.Module):
         c_in = ([channels] + chans)[-2]  # into the last stage
         self.net = nn.Sequential(
             *down_stack(channels, chans[:-1]),
-            # the latent: fixed scale, non-negative (module docstring)
+            # the latent: non-negative, unit-variance pre-activation (module docstring)
             nn.Conv2d(c_in, chans[-1], 4, 2, 1, bias=False),
             nn.BatchNorm2d(chans[-1], affine=False),
             nn.ReLU(inplace=True),
