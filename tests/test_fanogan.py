@@ -275,10 +275,10 @@ def test_time_budget_is_shared_between_the_stages(tmp_path: Path):
     # elapsed 0, 10, 20 s: stage 1; at 30 s (= 0.3 * 100 s) stage 2 starts; 100 s ends the fit
     assert int(model.gan_iterations) == 3 and int(model.iteration) == 10
     assert model.stage_lengths == (3, 1000)
-    assert model.training_complete() is None
+    assert model.training_complete() and model.incomplete_reason() == ""
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     again = FAnoGAN.load_from_checkpoint(tmp_path / "m.ckpt")
-    assert int(again.gan_iterations) == 3 and again.training_complete() is None
+    assert int(again.gan_iterations) == 3 and again.training_complete()
 
 
 def test_no_stage2_means_training_incomplete():
@@ -286,13 +286,14 @@ def test_no_stage2_means_training_incomplete():
     cut = FAnoGAN(**TINY, gan_steps=10, encoder_steps=5)
     _trainer(1000, max_epochs=1).fit(cut, _fixed_batches(4))  # 4 batches: stage 1 cut short
     assert int(cut.iteration) == 4
-    assert "stage 2 never ran" in cut.training_complete()
+    assert not cut.training_complete() and "stage 2 never ran" in cut.incomplete_reason()
     stage1_only = FAnoGAN(**TINY, gan_steps=2, encoder_steps=0)
     _trainer(1000).fit(stage1_only, _fixed_batches(4))
-    assert "encoder_steps=0" in stage1_only.training_complete()
+    assert not stage1_only.training_complete()
+    assert "encoder_steps=0" in stage1_only.incomplete_reason()
     done = FAnoGAN(**TINY, gan_steps=2, encoder_steps=1)
     _trainer(1000).fit(done, _fixed_batches(4))
-    assert int(done.iteration) == 3 and done.training_complete() is None
+    assert int(done.iteration) == 3 and done.training_complete()
 
 
 def test_checkpoint_from_before_the_time_budget_loads():
@@ -301,4 +302,4 @@ def test_checkpoint_from_before_the_time_budget_loads():
     state["iteration"] = torch.tensor(6)
     model.load_state_dict(state)  # strict, as fit=false loads
     assert int(model.gan_iterations) == -1 and model.stage_lengths == (4, 2)
-    assert model.training_complete() is None
+    assert model.training_complete()

@@ -20,7 +20,8 @@ set, stage 1 ends after ``gan_time_fraction`` of it (or after ``gan_steps``, whi
 first) and stage 2 gets the rest (or ``encoder_steps``); the step counts are upper bounds then.
 The iteration at which stage 1 ended is the ``gan_iterations`` buffer. A fit in which the encoder
 never trained (stage 2 never ran, or ``encoder_steps=0``) has no usable score:
-:meth:`FAnoGAN.training_complete` says why, and the entry point then reports no headline.
+:meth:`FAnoGAN.training_complete` is False (:meth:`FAnoGAN.incomplete_reason` says why), and the
+entry point then reports no headline.
 Stage 1 alone: ``encoder_steps=0``. Stage 2 alone: ``gan_checkpoint=<a
 FAnoGAN checkpoint>`` loads G and C from it when fitting starts and skips stage 1 (the
 architecture arguments must match the checkpoint's). The iteration counter is a buffer, so a
@@ -128,10 +129,17 @@ class FAnoGAN(AnomalyModule):
         elapsed = timer.time_elapsed()
         return elapsed >= self.hparams.gan_time_fraction * (elapsed + remaining)
 
-    def training_complete(self) -> str | None:
-        """None when the fit reached a usable state, else the reason it did not: the izi_f
-        encoder never trained (stage 2 never ran, or ``encoder_steps=0``), so the score would
-        be that of an untrained encoder."""
+    def training_complete(self) -> bool:
+        """False when the izi_f encoder never trained (stage 2 never ran, or
+        ``encoder_steps=0``): the score would be that of an untrained encoder, so the entry
+        point reports no headline (:meth:`incomplete_reason` says why)."""
+        return self._incomplete() is None
+
+    def incomplete_reason(self) -> str:
+        """Why :meth:`training_complete` is False (empty when it is True)."""
+        return self._incomplete() or ""
+
+    def _incomplete(self) -> str | None:
         n_gan, n_enc = self.stage_lengths
         it = int(self.iteration)
         if n_enc == 0:
@@ -194,8 +202,8 @@ class FAnoGAN(AnomalyModule):
             max(it - n_gan, 0),
             n_enc,
         )
-        if (reason := self.training_complete()) is not None:
-            log.warning("f-AnoGAN: %s; its scores are not f-AnoGAN's", reason)
+        if not self.training_complete():
+            log.warning("f-AnoGAN: %s; its scores are not f-AnoGAN's", self.incomplete_reason())
 
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
