@@ -58,3 +58,28 @@ def test_acae_score_is_a_on_its_own_reconstruction():
     torch.testing.assert_close(out["score"], 0.75 * out["residual"] + 0.25 * out["discrimination"])
     assert out["amap"].shape == (4, 1, 16, 16)
     torch.testing.assert_close(out["pd"], -model.discriminator(x))
+
+
+def test_training_ends_with_the_discriminator_recalibrated_on_real_images():
+    """D saw reconstructions twice per step; after the fit its batch-norm statistics are those
+    of the real training batch (D in train mode), and the autoencoder is not touched by it."""
+    import pytorch_lightning as pl
+    from test_anogan import _batch_stats, _fit
+    from torch.utils.data import DataLoader
+
+    from anogan_lightning.data.synthetic import make_split
+
+    pl.seed_everything(0)
+    batch = next(iter(DataLoader(make_split(16, 16, "train", seed=2), batch_size=16)))
+    model = ACAE(latent_dim=8, width=4, image_size=16, calibration_batches=1)
+    _fit(model, [batch] * 3, 6)
+    assert bool(model.discriminator.calibrated)
+    ((mean, var),) = _batch_stats(model.discriminator, batch["x"])
+    bn = model.discriminator.blocks[1][1]
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    ae_state = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
+    model.discriminator.calibrated.fill_(False)
+    model.calibrate_discriminator([batch])
+    for k, v in model.autoencoder.state_dict().items():
+        assert torch.equal(v, ae_state[k]), k

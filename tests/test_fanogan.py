@@ -3,12 +3,14 @@ the two stages through the entry point (together, and stage 2 alone from a stage
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import check_results_against_scores, compose_cfg, tiny_overrides
+from pytorch_lightning.callbacks import Timer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TINY = dict(latent_dim=8, width=4, image_size=16)
 
 
-def _trainer(steps: int, callbacks=()) -> pl.Trainer:
+def _trainer(steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -38,6 +40,7 @@ def _trainer(steps: int, callbacks=()) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=list(callbacks),
+        **kwargs,
     )
 
 
@@ -243,3 +246,60 @@ def test_stage2_alone_from_a_stage1_checkpoint(tmp_path: Path):
     wrong = FAnoGAN(latent_dim=8, width=8, image_size=16)  # stage 1 used width 4
     with pytest.raises(ValueError, match="width: checkpoint 4 vs config 8"):
         wrong.load_gan(str(path))
+
+
+# -- the shared time budget ------------------------------------------------------------------------
+class _FakeTimer(Timer):
+    """A Timer whose clock advances 10 s per training batch: a 100 s budget is 10 batches."""
+
+    def __init__(self) -> None:
+        super().__init__(duration=timedelta(seconds=100), interval="step")
+        self.batches = 0
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return 10.0 * self.batches
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        self.batches += 1
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
+
+def test_time_budget_is_shared_between_the_stages(tmp_path: Path):
+    """Stage 1 stops at its share of max_time, not at its (far larger) gan_steps; stage 2 gets
+    the rest; the switch point survives a checkpoint."""
+    pl.seed_everything(0)
+    model = FAnoGAN(**TINY, gan_steps=1000, encoder_steps=1000, gan_time_fraction=0.3)
+    rec = _Record(model)
+    trainer = _trainer(1000, [rec, _FakeTimer()])
+    trainer.fit(model, _fixed_batches(40))
+    # elapsed 0, 10, 20 s: stage 1; at 30 s (= 0.3 * 100 s) stage 2 starts; 100 s ends the fit
+    assert int(model.gan_iterations) == 3 and int(model.iteration) == 10
+    assert model.stage_lengths == (3, 1000)
+    assert model.training_complete() and model.incomplete_reason() == ""
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    again = FAnoGAN.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert int(again.gan_iterations) == 3 and again.training_complete()
+
+
+def test_no_stage2_means_training_incomplete():
+    pl.seed_everything(0)
+    cut = FAnoGAN(**TINY, gan_steps=10, encoder_steps=5)
+    _trainer(1000, max_epochs=1).fit(cut, _fixed_batches(4))  # 4 batches: stage 1 cut short
+    assert int(cut.iteration) == 4
+    assert not cut.training_complete() and "stage 2 never ran" in cut.incomplete_reason()
+    stage1_only = FAnoGAN(**TINY, gan_steps=2, encoder_steps=0)
+    _trainer(1000).fit(stage1_only, _fixed_batches(4))
+    assert not stage1_only.training_complete()
+    assert "encoder_steps=0" in stage1_only.incomplete_reason()
+    done = FAnoGAN(**TINY, gan_steps=2, encoder_steps=1)
+    _trainer(1000).fit(done, _fixed_batches(4))
+    assert int(done.iteration) == 3 and done.training_complete()
+
+
+def test_checkpoint_from_before_the_time_budget_loads():
+    model = FAnoGAN(**TINY, gan_steps=4, encoder_steps=2)
+    state = {k: v for k, v in model.state_dict().items() if k != "gan_iterations"}
+    state["iteration"] = torch.tensor(6)
+    model.load_state_dict(state)  # strict, as fit=false loads
+    assert int(model.gan_iterations) == -1 and model.stage_lengths == (4, 2)
+    assert model.training_complete()

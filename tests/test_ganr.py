@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -92,3 +93,67 @@ def test_lambda_score_weights_the_ganr_score():
     torch.testing.assert_close(
         out["score"], 0.7 * out["residual"] + 0.3 * out["discrimination_ref"]
     )
+
+
+# -- one configuration for AnoGAN and GAN_R -------------------------------------------------------
+OWN_KEYS = {"_target_", "lambda_fm", "lambda_score", "from_checkpoint", "require_checkpoint"}
+
+
+@pytest.mark.parametrize(
+    ("anogan", "other", "differ"),
+    [
+        ("+method=anogan", "+method=ganr", set()),
+        ("+experiment=ipmi2017_anogan", "+experiment=ipmi2017_ganr", set()),
+        ("+experiment=ipmi2017_anogan", "+experiment=ipmi2017_pd", {"mapping_steps", "score_name"}),
+    ],
+)
+def test_anogan_and_its_comparisons_share_one_configuration(anogan, other, differ, tmp_path):
+    """Same DCGAN, training, data and mapping; only the discrimination term (and for P_D the
+    headline and Γ) differ. λ is one value under each method's name."""
+    a = compose_cfg([anogan], tmp_path)
+    b = compose_cfg([other], tmp_path)
+    lam = lambda m: m.get("lambda_fm", m.get("lambda_score"))  # noqa: E731
+    assert lam(a.method) == lam(b.method) == 0.1
+    keys = (set(a.method) | set(b.method)) - OWN_KEYS - differ
+    mismatch = {
+        k: (a.method.get(k), b.method.get(k)) for k in keys if a.method.get(k) != b.method.get(k)
+    }
+    assert not mismatch
+    assert a.data == b.data
+    # conf/method/anogan.yaml's demo trainer.max_epochs (set for the method, not the comparison)
+    trainer = lambda c: {k: v for k, v in c.trainer.items() if k != "max_epochs"}  # noqa: E731
+    assert trainer(a) == trainer(b)
+    if anogan.startswith("+experiment"):
+        assert a.trainer == b.trainer
+
+
+def test_ipmi2017_configs_hold_the_paper_settings(tmp_path):
+    for row in ("anogan", "ganr", "pd", "acae"):
+        cfg = compose_cfg([f"+experiment=ipmi2017_{row}"], tmp_path)
+        m = cfg.method
+        assert (m.width, m.latent_dim, m.image_size, cfg.data.image_size) == (64, 100, 64, 64)
+        assert cfg.data._target_.endswith("OCTVolumeDataModule") and cfg.data.flatten
+        assert (m.lr, list(m.betas), cfg.trainer.max_epochs) == (2e-4, [0.5, 0.999], 20)
+        if row != "acae":
+            assert (m.mapping_restarts, m.real_label) == (1, 1.0)
+            assert m.mapping_steps == (0 if row == "pd" else 500)
+
+
+def test_ipmi2017_pd_headline_is_pd(tmp_path):
+    cfg = compose_cfg(["+experiment=ipmi2017_pd", "method.width=4", "data.image_size=16"], tmp_path)
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    model.hparams.progress = False
+    ds = make_split(4, 16, "test")
+    out = model.eval().score({"x": ds.images, "id": ds.ids})
+    torch.testing.assert_close(out["score"], out["pd"])
+    assert "anomaly" in out and "anomaly" in model.components
+
+
+def test_ipmi2017_ganr_requires_an_anogan_checkpoint(tmp_path):
+    cfg = compose_cfg(
+        ["+experiment=ipmi2017_ganr", "method.width=4", "data.image_size=16"], tmp_path
+    )
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    with pytest.raises(ValueError, match="method.from_checkpoint is required.*ipmi2017_anogan run"):
+        model.on_fit_start()
+    GANR(latent_dim=8, width=4, image_size=16).on_fit_start()  # the plain method trains its own

@@ -21,6 +21,10 @@ Choices the paper leaves open:
 - λ_rec = 50, λ_adv = 1: the weighting GANomaly (Akcay et al. 2018) uses for the same two
   terms; reconstruction dominates, the adversarial term sharpens x̂.
 - Adam lr 2e-4, betas (0.5, 0.999) for both (DCGAN's, as for AnoGAN).
+- The discriminator sees one real batch and two of reconstructions per step, so its batch-norm
+  statistics are recalibrated on real training normals after training, as AnoGAN's
+  (``calibrate_d``, ``calibration_batches``: :class:`~anogan_lightning.methods.anogan.
+  DiscriminatorCalibration`); ``calibrate_d=false`` keeps the statistics training left.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ import torch
 from torch import Tensor
 
 from anogan_lightning.losses import bce_generator_loss
+from anogan_lightning.methods.anogan import DiscriminatorCalibration
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.acae import ConvAutoencoder
 from anogan_lightning.nets.dcgan import DCGANDiscriminator
 from anogan_lightning.scoring import reconstruction_scores, residual_map
 
 
-class ACAE(AnomalyModule):
+class ACAE(DiscriminatorCalibration, AnomalyModule):
     """Adversarial convolutional autoencoder; scores A, R, D and PD on its reconstruction."""
 
     components = ("residual", "discrimination", "pd")
@@ -52,8 +57,12 @@ class ACAE(AnomalyModule):
         lambda_rec: float = 50.0,
         lambda_adv: float = 1.0,
         lambda_score: float = 0.1,
+        calibrate_d: bool = True,
+        calibration_batches: int = 50,
     ) -> None:
         super().__init__()
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.autoencoder = ConvAutoencoder(latent_dim, channels, width, image_size)

@@ -22,22 +22,132 @@ Choices the paper leaves open:
   the CPU demo config uses 0.9, which keeps D from saturating early on small data.
 - The whole batch is mapped at once (see ``scoring.map_latent``); the paper maps one image
   at a time, which leaves most of a GPU idle.
+
+Discriminator statistics at scoring time (``calibrate_d``, default on): every training step
+runs D once on real images and twice on generated ones, so the batch-norm running statistics
+that eval mode uses for f(x), D(x) and P_D would be about two-thirds those of fakes, and f(x)
+would not describe the query by the statistics of normal images as the paper's feature matching
+means. After training, D's batch-norm statistics are recalibrated on real training normals
+(:class:`DiscriminatorCalibration`: reset, then a cumulative average over up to
+``calibration_batches`` batches of the training loader with D in train mode and no gradients;
+weights untouched). Chosen over a normalisation without running statistics (layer or instance
+norm in D) because it leaves the paper's DCGAN and its training exactly as they are, and because
+it applies to checkpoints trained before it (``fit=false`` recalibrates a checkpoint whose D
+was not). ``discriminator.calibrated`` records it in the checkpoint, so it is done once: a
+``fit=false`` run on a recalibrated checkpoint does not redo it. ``calibrate_d=false`` is the
+paper-literal reading (statistics as training left them); it cannot undo a recalibration that a
+checkpoint already holds.
+
+``score_name`` picks the headline ``score`` (and so ``test/auroc`` and the validation
+threshold): ``anomaly`` (A(x), default) or a component, e.g. ``pd`` for the P_D row; A(x) is then
+reported as the component ``anomaly``.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
+from collections.abc import Iterator
+from contextlib import nullcontext
 
+import hydra
 import torch
 from torch import Tensor
 
 from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
-from anogan_lightning.nets.dcgan import DCGANDiscriminator, DCGANGenerator, sample_uniform_z
+from anogan_lightning.nets.dcgan import (
+    DCGANDiscriminator,
+    DCGANGenerator,
+    recalibrate_batch_norm,
+    sample_uniform_z,
+)
 from anogan_lightning.scoring import frozen, l1_per_sample, map_latent, residual_map
 
+log = logging.getLogger(__name__)
 
-class AnoGAN(AnomalyModule):
+
+class DiscriminatorCalibration:
+    """Mixin for methods with a DCGAN ``self.discriminator``: its batch-norm statistics come
+    from real training normals at scoring time (see the module docstring).
+
+    Recalibrated at the end of training (from the fit's training loader), else at the start of
+    validation or test when the checkpoint's discriminator was not (from the data module of the
+    run, or one built from ``self.data_config``). Needs hyperparameters ``calibrate_d`` and
+    ``calibration_batches``.
+    """
+
+    def calibrate_discriminator(self, loader) -> int:
+        """Recalibrate on up to ``calibration_batches`` batches of ``loader`` (dicts with
+        ``x``); returns the number of batches used and sets ``discriminator.calibrated``."""
+        limit = self.hparams.get("calibration_batches", 50)
+
+        def batches() -> Iterator[Tensor]:
+            n = 0
+            for batch in loader:
+                if n >= limit:
+                    return
+                if batch is not None:
+                    n += 1
+                    yield batch["x"].to(self.device)
+
+        trainer = self._trainer
+        # the precision D ran in during training (autocast under mixed precision)
+        context = trainer.precision_plugin.forward_context() if trainer else nullcontext()
+        with context:
+            n = recalibrate_batch_norm(self.discriminator, batches())
+        self.discriminator.calibrated.fill_(True)
+        log.info(
+            "%s: discriminator batch norm recalibrated on %d batches of training normals",
+            type(self).__name__,
+            n,
+        )
+        return n
+
+    def _training_loader(self):
+        """The training normals' loader outside a fit: the trainer's data module, else one
+        built from the data config the entry point recorded."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None:
+            if not self.data_config:
+                raise RuntimeError(
+                    f"{type(self).__name__}: calibrate_d needs the training normals to "
+                    "recalibrate the discriminator, but there is no data module and no "
+                    "data_config; pass one, or method.calibrate_d=false"
+                )
+            dm = hydra.utils.instantiate(self.data_config)
+            dm.setup("fit")
+        return dm.train_dataloader()
+
+    def _calibrate_if_needed(self, loader=None) -> None:
+        if not self.hparams.get("calibrate_d", False) or bool(self.discriminator.calibrated):
+            return
+        self.calibrate_discriminator(loader if loader is not None else self._training_loader())
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.discriminator.calibrated.fill_(False)  # training moves the statistics again
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._calibrate_if_needed(self.trainer.train_dataloader)
+
+    def on_validation_epoch_start(self) -> None:
+        self._calibrate_if_needed()
+        super().on_validation_epoch_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._calibrate_if_needed()
+        super().on_test_epoch_start()
+
+
+def headline(out: dict[str, Tensor], score_name: str) -> dict[str, Tensor]:
+    """``out`` with ``score_name``'s values as ``score``; A(x) kept as ``anomaly``."""
+    if score_name == "anomaly":
+        return out
+    return {**out, "anomaly": out["score"], "score": out[score_name]}
+
+
+class AnoGAN(DiscriminatorCalibration, AnomalyModule):
     """DCGAN + iterative latent mapping; scores A, R, D and PD."""
 
     needs_grad_at_test = True
@@ -62,8 +172,18 @@ class AnoGAN(AnomalyModule):
         progress: bool = True,
         mapping_restarts: int = 1,
         real_label: float = 1.0,
+        calibrate_d: bool = True,
+        calibration_batches: int = 50,
+        score_name: str = "anomaly",
     ) -> None:
         super().__init__()
+        if score_name != "anomaly":
+            if score_name not in type(self).components:
+                choices = ", ".join(("anomaly", *type(self).components))
+                raise ValueError(f"score_name must be one of {choices}, got {score_name!r}")
+            self.components = ("anomaly", *type(self).components)  # A(x) beside the headline
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = DCGANGenerator(latent_dim, channels, width, image_size)
@@ -104,23 +224,24 @@ class AnoGAN(AnomalyModule):
 
     def start_z(self, x: Tensor, ids: list[str]) -> Tensor:
         """z_1 per image: its first prior draw, or with ``mapping_restarts`` K > 1 the one of
-        its K draws with the lowest mapping loss L(z) (forward passes only; the Γ steps then
+        its K draws with the lowest mapping loss L(z) (:meth:`mapping_loss`) (forward passes only; the Γ steps then
         start from it)."""
         k = max(1, self.hparams.get("mapping_restarts", 1))
         cands = self.prior_draws(ids, k)  # (K, B, latent_dim)
         if k == 1:
             return cands[0]
-        lam = self.hparams.lambda_fm
         g, d = self.generator, self.discriminator
         with frozen(g, d), torch.no_grad():
             f_x = d.forward_with_features(x)[1].float()
-            losses = []
-            for z in cands:  # one batch of G at a time: memory as for the mapping itself
-                x_hat = g(z).float()
-                f_hat = d.forward_with_features(x_hat)[1].float()
-                losses.append((1 - lam) * l1_per_sample(x, x_hat) + lam * l1_per_sample(f_x, f_hat))
+            # one batch of G at a time: memory as for the mapping itself
+            losses = [self.mapping_loss(x, f_x, g(z).float()) for z in cands]
         best = torch.stack(losses).argmin(0)  # (B,)
         return cands[best, torch.arange(len(x), device=best.device)]
+
+    def mapping_loss(self, x: Tensor, f_x: Tensor, x_hat: Tensor) -> Tensor:
+        """L(z) per image (B,) at x_hat = G(z), f_x = f(x): (1 - λ)·Σ|x - G(z)| + λ·Σ|f(x) - f(G(z))|."""
+        f_hat = self.discriminator.forward_with_features(x_hat)[1].float()
+        return (1 - self.lam) * l1_per_sample(x, x_hat) + self.lam * l1_per_sample(f_x, f_hat)
 
     @property
     def lam(self) -> float:
@@ -143,7 +264,7 @@ class AnoGAN(AnomalyModule):
         )
         with torch.no_grad():
             pd = -self.discriminator(x).float()  # higher = judged less real
-        return {
+        out = {
             "score": m.score,
             "residual": m.residual,
             self.discrimination_name: m.discrimination,
@@ -152,3 +273,4 @@ class AnoGAN(AnomalyModule):
             "amap": residual_map(x.float(), m.x_hat),
             "z": m.z,
         }
+        return headline(out, hp.get("score_name", "anomaly"))

@@ -15,8 +15,14 @@ Two training stages in one fit, counted in iterations (training batches):
    (``nets/encoder.py``).
 
 The fit ends by itself after both stages (``trainer.should_stop``), so ``trainer.max_epochs``
-can stay unbounded (-1); ``trainer.max_time`` still caps it, with a warning saying which stage
-was cut short. Stage 1 alone: ``encoder_steps=0``. Stage 2 alone: ``gan_checkpoint=<a
+can stay unbounded (-1). A time budget is shared between the stages: with ``trainer.max_time``
+set, stage 1 ends after ``gan_time_fraction`` of it (or after ``gan_steps``, whichever comes
+first) and stage 2 gets the rest (or ``encoder_steps``); the step counts are upper bounds then.
+The iteration at which stage 1 ended is the ``gan_iterations`` buffer. A fit in which the encoder
+never trained (stage 2 never ran, or ``encoder_steps=0``) has no usable score:
+:meth:`FAnoGAN.training_complete` is False (:meth:`FAnoGAN.incomplete_reason` says why), and the
+entry point then reports no headline.
+Stage 1 alone: ``encoder_steps=0``. Stage 2 alone: ``gan_checkpoint=<a
 FAnoGAN checkpoint>`` loads G and C from it when fitting starts and skips stage 1 (the
 architecture arguments must match the checkpoint's). The iteration counter is a buffer, so a
 resumed run (``ckpt_path=``) continues in the right stage.
@@ -44,6 +50,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from pytorch_lightning.callbacks import Timer
 from torch import Tensor
 
 from anogan_lightning.losses import (
@@ -83,26 +90,71 @@ class FAnoGAN(AnomalyModule):
         gan_steps: int = 100_000,
         encoder_steps: int = 50_000,
         gan_checkpoint: str | None = None,
+        gan_time_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if prior not in ("uniform", "normal"):
             raise ValueError(f"prior must be 'uniform' or 'normal', got {prior!r}")
         if n_critic < 1 or gan_steps < 0 or encoder_steps < 0:
             raise ValueError("n_critic must be >= 1 and gan_steps, encoder_steps >= 0")
+        if not 0 < gan_time_fraction < 1:
+            raise ValueError(f"gan_time_fraction must be in (0, 1), got {gan_time_fraction}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = ResNetGenerator(latent_dim, channels, width, image_size)
         self.critic = ResNetCritic(channels, width, image_size)
         self.encoder = ResNetEncoder(latent_dim, channels, width, image_size)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))  # training batches
+        # the iteration at which stage 1 ended (-1: not ended yet, it runs up to gan_steps)
+        self.register_buffer("gan_iterations", torch.full((), -1, dtype=torch.long))
         self._stage: int | None = None  # set by the first training batch (also after a resume)
 
     # -- stages -------------------------------------------------------------------------------
     @property
     def stage_lengths(self) -> tuple[int, int]:
-        """(GAN iterations, encoder iterations) this fit runs; stage 1 is 0 with a checkpoint."""
+        """(GAN iterations, encoder iterations) of this fit: stage 1 is 0 with a checkpoint, and
+        the iteration it ended at once ended (by its steps or by its share of the time budget);
+        stage 2 is its upper bound ``encoder_steps``."""
         hp = self.hparams
-        return (0 if hp.gan_checkpoint else hp.gan_steps), hp.encoder_steps
+        ended = int(self.gan_iterations)
+        n_gan = ended if ended >= 0 else (0 if hp.gan_checkpoint else hp.gan_steps)
+        return n_gan, hp.encoder_steps
+
+    def _gan_time_up(self) -> bool:
+        """Stage 1 has used its share ``gan_time_fraction`` of ``trainer.max_time``."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        if remaining is None:  # no time budget
+            return False
+        elapsed = timer.time_elapsed()
+        return elapsed >= self.hparams.gan_time_fraction * (elapsed + remaining)
+
+    def training_complete(self) -> bool:
+        """False when the izi_f encoder never trained (stage 2 never ran, or
+        ``encoder_steps=0``): the score would be that of an untrained encoder, so the entry
+        point reports no headline (:meth:`incomplete_reason` says why)."""
+        return self._incomplete() is None
+
+    def incomplete_reason(self) -> str:
+        """Why :meth:`training_complete` is False (empty when it is True)."""
+        return self._incomplete() or ""
+
+    def _incomplete(self) -> str | None:
+        n_gan, n_enc = self.stage_lengths
+        it = int(self.iteration)
+        if n_enc == 0:
+            return "encoder_steps=0: stage 1 only, the izi_f encoder is untrained"
+        if it <= n_gan:
+            return (
+                f"stage 2 never ran: training stopped at iteration {it} in stage 1 "
+                f"({min(it, n_gan)} of {n_gan} GAN iterations), the izi_f encoder is untrained"
+            )
+        return None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # checkpoints from before the shared time budget: their stage 1 ran gan_steps
+        state_dict.setdefault(prefix + "gan_iterations", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _enter_stage(self, stage: int) -> None:
         """Stage 1: G and C train, E frozen. Stage 2: E trains, G and C frozen in eval mode."""
@@ -141,17 +193,17 @@ class FAnoGAN(AnomalyModule):
     def on_train_end(self) -> None:
         n_gan, n_enc = self.stage_lengths
         it = int(self.iteration)
-        if it < n_gan + n_enc:
-            log.warning(
-                "f-AnoGAN: training stopped at iteration %d of %d (stage 1: %d/%d GAN, stage 2: "
-                "%d/%d encoder iterations)",
-                it,
-                n_gan + n_enc,
-                min(it, n_gan),
-                n_gan,
-                max(it - n_gan, 0),
-                n_enc,
-            )
+        log.info(
+            "f-AnoGAN: training ended at iteration %d (stage 1: %d GAN iterations of at most "
+            "%d, stage 2: %d encoder iterations of at most %d)",
+            it,
+            min(it, n_gan),
+            0 if self.hparams.gan_checkpoint else self.hparams.gan_steps,
+            max(it - n_gan, 0),
+            n_enc,
+        )
+        if not self.training_complete():
+            log.warning("f-AnoGAN: %s; its scores are not f-AnoGAN's", self.incomplete_reason())
 
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -164,6 +216,9 @@ class FAnoGAN(AnomalyModule):
             return
         n_gan, n_enc = self.stage_lengths
         it = int(self.iteration)
+        if int(self.gan_iterations) < 0 and (it >= n_gan or self._gan_time_up()):
+            self.gan_iterations.fill_(min(it, n_gan))  # stage 1 ends: its steps or its time
+            n_gan = int(self.gan_iterations)
         if it >= n_gan + n_enc:
             self.trainer.should_stop = True
             return

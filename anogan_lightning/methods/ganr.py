@@ -16,19 +16,29 @@ discriminator are loaded when fitting starts and training is skipped (the fit st
 first batch), so GANR maps and scores with the very networks AnoGAN used, which is how the
 paper compares the two. The architecture arguments (latent_dim, channels, width, image_size,
 feature_layer) must match the checkpoint's; a mismatch is an error naming them. The file is
-read only by ``fit``: ``GANR.load_from_checkpoint(<ganr model.ckpt>)`` does not need it.
+read only by ``fit``: ``GANR.load_from_checkpoint(<ganr model.ckpt>)`` does not need it. The
+discriminator's batch-norm statistics come with it (recalibrated on training normals when the
+AnoGAN run did so; see :mod:`~anogan_lightning.methods.anogan`), so both score with the same D.
+``require_checkpoint=true`` (``+experiment=ipmi2017_ganr``) makes a fit without
+``from_checkpoint`` an error instead of training a DCGAN of its own.
 
-Choices the paper leaves open: the same as AnoGAN's (z-optimiser Adam lr 0.01, z in [-1, 1],
-seeded initial z per image, whole batches mapped at once).
+Every other argument is AnoGAN's, and the configs keep them equal to AnoGAN's (one mapping:
+``mapping_steps``, ``mapping_lr``, ``mapping_restarts``, ``mapping_seed``, and the DCGAN's
+training, ``lr``, ``betas``, ``real_label``; tests/test_ganr.py checks the pairs
+``+method=anogan`` / ``ganr`` and ``ipmi2017_anogan`` / ``ipmi2017_ganr``), so the two differ
+only in the discrimination term. Choices the paper leaves open: AnoGAN's.
 """
 
 from __future__ import annotations
 
 import logging
 
+from torch import Tensor
+
+from anogan_lightning.losses import reference_discrimination_loss
 from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.anogan import AnoGAN
-from anogan_lightning.scoring import map_latent_reference
+from anogan_lightning.scoring import l1_per_sample, map_latent_reference
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +66,13 @@ class GANR(AnoGAN):
         mapping_lr: float = 0.01,
         mapping_seed: int = 0,
         progress: bool = True,
+        mapping_restarts: int = 1,
+        real_label: float = 1.0,
+        calibrate_d: bool = True,
+        calibration_batches: int = 50,
+        score_name: str = "anomaly",
         from_checkpoint: str | None = None,
+        require_checkpoint: bool = False,
     ) -> None:
         super().__init__(
             latent_dim,
@@ -71,6 +87,11 @@ class GANR(AnoGAN):
             mapping_lr,
             mapping_seed,
             progress,
+            mapping_restarts,
+            real_label,
+            calibrate_d,
+            calibration_batches,
+            score_name,
         )
         # AnoGAN's save_hyperparameters() recorded both frames: drop λ under AnoGAN's name and
         # record again (hparams_initial, what loggers show, then lacks it too)
@@ -85,6 +106,14 @@ class GANR(AnoGAN):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         path = self.hparams.from_checkpoint
+        if not path and self.hparams.get("require_checkpoint", False):
+            raise ValueError(
+                "GANR: method.from_checkpoint is required here (require_checkpoint=true, as in "
+                "+experiment=ipmi2017_ganr): the paper compares GAN_R with AnoGAN on the same "
+                "trained G and D, so pass method.from_checkpoint=<ipmi2017_anogan run>/"
+                "checkpoints/model.ckpt (or method.require_checkpoint=false to train a DCGAN "
+                "of its own)"
+            )
         if path:
             self.load_gan(path)
             log.info("GANR: generator and discriminator loaded from %s; training skipped", path)
@@ -92,6 +121,12 @@ class GANR(AnoGAN):
     def on_train_start(self) -> None:
         if self.hparams.from_checkpoint:
             self.trainer.should_stop = True  # the fit loop ends before its first batch
+
+    def mapping_loss(self, x: Tensor, f_x: Tensor, x_hat: Tensor) -> Tensor:
+        """GAN_R's L(z) per image (B,): (1 - λ)·Σ|x - G(z)| + λ·L̂_D(z) (``mapping_restarts``
+        picks z_1 by it)."""
+        d_ref = reference_discrimination_loss(self.discriminator(x_hat).float())
+        return (1 - self.lam) * l1_per_sample(x, x_hat) + self.lam * d_ref
 
     @property
     def lam(self) -> float:

@@ -6,9 +6,16 @@ AnoGAN's grayscale variant: 5x5 kernels, stride 2, channels 512-256-128-64 for a
 
 Weights and activations are channels-last (NHWC,
 :func:`anogan_lightning.nets.common.channels_last`).
+
+:func:`recalibrate_batch_norm` replaces a network's batch-norm running statistics by those of
+given batches (the AnoGAN family recalibrates its discriminator on real normal images after
+training); the discriminator's ``calibrated`` buffer records that it was done, so the flag
+travels with its statistics in every state dict.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -75,8 +82,15 @@ class DCGANDiscriminator(nn.Module):
             raise ValueError(f"feature_layer {feature_layer} out of range for {n} blocks")
         self.feature_layer = feature_layer % n
         self.head = nn.Linear(chans[-1] * 16, 1)
+        # True once the batch-norm running statistics were recalibrated (recalibrate_batch_norm)
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         init_dcgan_weights(self)
         channels_last(self)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # state dicts from before the flag: statistics as training left them
+        state_dict.setdefault(prefix + "calibrated", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def features(self, x: Tensor) -> list[Tensor]:
         x = nhwc(x)
@@ -99,3 +113,38 @@ class DCGANDiscriminator(nn.Module):
 def sample_uniform_z(n: int, latent_dim: int, device=None, generator=None) -> Tensor:
     """AnoGAN's prior: z ~ U(-1, 1)^latent_dim."""
     return torch.rand(n, latent_dim, device=device, generator=generator) * 2 - 1
+
+
+def recalibrate_batch_norm(module: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Set the running mean and variance of every batch norm in ``module`` to their average
+    over ``batches`` (each (B, C, H, W), already on the module's device); returns the number of
+    batches used.
+
+    The statistics are reset and accumulated as a cumulative average (``momentum=None``) while
+    ``module`` runs in train mode without gradients, as after training a network on exactly
+    these batches; parameters are unchanged, and momenta and train/eval mode are restored.
+    With no batches at all the previous statistics are kept and it is an error.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    was_training = module.training
+    n = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        module.train()
+        with torch.no_grad():
+            for x in batches:
+                module(x)
+                n += 1
+    finally:
+        for m, (momentum, mean, var) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if n == 0:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+        module.train(was_training)
+    if n == 0:
+        raise ValueError("recalibrate_batch_norm: no batches given; statistics left unchanged")
+    return n
