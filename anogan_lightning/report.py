@@ -10,7 +10,8 @@ Writes into the first directory given (the sweep directory) or ``--out``:
   accuracy and sensitivity at the validation threshold, sensitivity / specificity / precision /
   recall at the Youden cut-off, and the test AUROC of every score component, e.g. image vs latent
   score or AnoGAN's R, D and PD), then the same averaged over seeds (mean ± std) where runs
-  differ only in ``seed``; failed runs with their reason;
+  differ only in ``seed``; the test and pixel AUROC of every extra test set (``extra_test``,
+  ``test_<name>/``); failed runs with their reason;
 - ``roc.png``: every run's test ROC in one plot, from its ``scores.csv``;
 - ``score_distributions.png``: normal vs anomalous test score histograms, one panel per run.
 The Markdown table is printed too.
@@ -47,6 +48,7 @@ COLUMNS = (
     ("prec", "test/precision"),
     ("rec", "test/recall"),
 )
+EXTRA_METRICS = ("auroc", "pixel_auroc")  # reported per extra test set
 IGNORED_OVERRIDES = ("hydra.", "paths.", "trainer.enable_progress_bar", "method.progress")
 
 
@@ -105,10 +107,30 @@ def load_run(run: Path) -> dict:
             k.removeprefix(prefix): v for k, v in results.items() if k.startswith(prefix)
         }
         rec["method"] = results.get("method", rec["method"])
+        rec["extra"] = {k: v for k, v in results.items() if _is_extra(k)}
     else:
         rec["status"] = "failed"
         rec["reason"] = _failure_reason(run)
     return rec
+
+
+def _is_extra(key: str) -> bool:
+    """AUROCs of the extra test sets (``extra_test``): ``test_<name>/auroc``, ``.../pixel_auroc``."""
+    prefix, _, metric = key.partition("/")
+    return prefix.startswith("test_") and metric in EXTRA_METRICS
+
+
+def _extra_table(records: list[dict], root: Path) -> list[str]:
+    """One row per run, one column per extra test set and metric (none: no lines)."""
+    keys = sorted({k for r in records for k in r.get("extra", {})})
+    if not keys:
+        return []
+    lines = ["", "Extra test sets (`extra_test`):", ""]
+    lines += ["| run | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
+    for r in records:
+        cells = [_fmt(r.get("extra", {}).get(k)) for k in keys]
+        lines.append(f"| {_rel(r['run'], root)} | {r['method']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(v) -> str:
@@ -158,6 +180,7 @@ def markdown(records: list[dict], groups: list[dict], failed: list[dict], root: 
             ]
             over = " ".join(g["overrides"])
             lines.append(f"| {g['method']} | {over} | {g['n']} | " + " | ".join(cells) + " |")
+    lines += _extra_table(records, root)
     if failed:
         lines += ["", f"Failed runs ({len(failed)}):", ""]
         lines += [
@@ -190,6 +213,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                 "seed",
                 *[k for _, k in COLUMNS],
                 "test/auroc_components",
+                "extra_test",
                 "reason",
             ]
         )
@@ -204,6 +228,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     r["seed"],
                     *vals,
                     _components(r, "; "),
+                    "; ".join(f"{k} {_fmt(v)}" for k, v in sorted(r.get("extra", {}).items())),
                     "",
                 ]
             )
@@ -217,6 +242,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     " ".join(r["overrides"]),
                     r["seed"],
                     *blanks,
+                    "",
                     "",
                     r["reason"],
                 ]
