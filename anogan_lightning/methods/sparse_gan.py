@@ -74,7 +74,16 @@ class SparseGAN(Pix2Pix):
         betas: tuple[float, float] = (0.5, 0.999),
     ) -> None:
         super().__init__(
-            channels, width, image_size, score_space, lambda_re, lambda_adv, adv_loss, lr, betas
+            channels,
+            width,
+            image_size,
+            score_space,
+            lambda_re,
+            lambda_adv,
+            adv_loss,
+            lr,
+            betas,
+            map="aam",  # the AAM, eq. 8
         )
         if decode_from not in DECODE_FROM:
             raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
