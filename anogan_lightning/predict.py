@@ -10,7 +10,12 @@ graph returns the score and the anomaly map only, so its CSV has no component co
 
 - A checkpoint trained on 2-D B-scans scores images (.jpeg .jpg .png .tif .tiff .bmp): grayscale,
   resized to the training height, centre square crop, optional flattening; a folder is streamed
-  in batches (``batch_size``, ``num_workers``) with a progress bar.
+  in batches (``batch_size``, ``num_workers``) with a progress bar. A ``resize=retina``
+  checkpoint normalises each B-scan on its retina with the checkpoint's ``retina`` settings,
+  scores every window (``window_stride``), aggregates the window scores by its ``aggregate``
+  rule (the B-scan score, compared with the validation threshold, chosen on such scores; the
+  window count in ``patches``) and draws the stitched map over the band as the heatmap; a scan
+  that fails the retina checks is ``unreadable`` with the reason.
 - A checkpoint trained on ``data=oct_volume`` scores OCT volumes (.vol .e2e .npy .npz .tif .tiff
   .nii .nii.gz), one at a time: every B-scan prepared as the training run's test volumes, grid
   patches scored in batches, patch maps stitched into B-scans. A B-scan's / volume's score is
@@ -57,9 +62,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from anogan_lightning import pixel_eval, provenance
 from anogan_lightning import predict_volume as pv
-from anogan_lightning import provenance
-from anogan_lightning.data.kermany import FILL_WHITE, read_image
+from anogan_lightning.data.kermany import FILL_WHITE, RetinaBScanDataset, read_image, retina_norm
 from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
 from anogan_lightning.data.transforms import crop_square, to_unit_range
@@ -230,8 +235,64 @@ class Rows:
             fh.flush()
 
 
+def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Rows, out: Path):
+    """Score B-scans of a ``resize=retina`` checkpoint one at a time: normalised with its data
+    settings, every window scored (``window_stride``), the window scores aggregated by its
+    ``aggregate`` rule into the B-scan score, the window maps stitched into the heatmap (band
+    coordinates); returns (scored, unreadable)."""
+    size = int(model.hparams.get("image_size", data.get("image_size", 64)))
+    norm = retina_norm(data.get("retina"), bool(data.get("fill_white", FILL_WHITE)))
+    rule, top_k = data.get("aggregate", "max"), int(data.get("top_k", 3))
+    names, threshold = list(model.components), rows.threshold
+    n_ok = n_bad = 0
+    for path in tqdm(files, desc="scoring", unit="scan"):
+        ds = RetinaBScanDataset(
+            [path], [0], [""], size, norm, "grid", None, data.get("window_stride"), rule, top_k
+        )
+        ds.preload(threads=1)
+        if ds.n_skipped:  # unreadable, or the retina checks failed: the reason names the file
+            log.warning("skipping B-scan %s", ds.failures[0])
+            rows.file(path, "unreadable", "image", error=ds.failures[0])
+            n_bad += 1
+            continue
+        loader = DataLoader(ds, batch_size=cfg.batch_size)
+        stitcher = pixel_eval.Stitcher(ds.image_shapes)
+        scores, comps = [], {n: [] for n in names}
+        for batch in loader:
+            with torch.inference_mode(not model.needs_grad_at_test):
+                res = model.score({"x": batch["x"].to(device), "id": batch["id"]})
+            scores.append(res["score"].detach().float().cpu())
+            for n in names:
+                comps[n].append(res[n].detach().float().cpu())
+            if "amap" in res:
+                stitcher.add(res["amap"].detach().float().cpu(), batch["coords"])
+        index = torch.zeros(len(ds), dtype=torch.long)  # every window is of B-scan 0
+        agg = pixel_eval.aggregate_windows
+        s = float(agg(torch.cat(scores), index, 1, rule, top_k)[0][0])
+        values = {
+            n: float(agg(torch.cat(v), index, 1, rule, top_k)[0][0]) for n, v in comps.items()
+        }
+        flag = None if math.isnan(threshold) else int(s >= threshold)
+        rows.file(
+            path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, patches=len(ds), **values
+        )
+        if cfg.heatmaps and int(stitcher.count.sum()):
+            _heatmap(
+                out / "heatmaps" / f"{n_ok:06d}_{_safe(Path(path).stem)}.png",
+                torch.from_numpy(ds.image(0))[None],
+                torch.from_numpy(stitcher.maps()[0])[None],
+                f"{path}\nscore {s:.4g} ({rule} of {len(ds)} windows)"
+                + ("" if flag is None else f" ({'anomalous' if flag else 'normal'})"),
+            )
+        n_ok += 1
+        rows.flush()
+    return n_ok, n_bad
+
+
 def _predict_images(model, files: list[Path], data: dict, cfg, device, rows: Rows, out: Path):
     """Score 2-D images in batches; returns (scored, unreadable)."""
+    if data.get("resize") == "retina":
+        return _predict_retina(model, files, data, cfg, device, rows, out)
     image_size = int(model.hparams.get("image_size", data.get("image_size", 64)))
     ds = ScanFiles(
         files,

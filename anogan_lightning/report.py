@@ -12,7 +12,8 @@ Writes into the first directory given (the sweep directory) or ``--out``:
   score component, e.g. image vs latent score or AnoGAN's R, D and PD, and of every disease
   class against the normals where the data has classes), then the same averaged over seeds
   (mean ± std) where runs differ only in ``seed``; failed runs (and runs whose training did not
-  complete) with their reason;
+  complete) with their reason; the test and pixel AUROC of every extra test set
+  (``extra_test``, ``test_<name>/``);
 - with ``--reference <method or run dir>``: per run, the paired difference of its test AUROC to
   the reference run scored on the same test images (rows of ``scores.csv`` matched by ``id``;
   the reference run of the same seed where the reference is a method with several seeds) with a
@@ -54,6 +55,7 @@ COLUMNS = (
     ("prec", "test/precision"),
     ("rec", "test/recall"),
 )
+EXTRA_METRICS = ("auroc", "pixel_auroc")  # reported per extra test set
 IGNORED_OVERRIDES = ("hydra.", "paths.", "trainer.enable_progress_bar", "method.progress")
 
 
@@ -135,6 +137,7 @@ def load_run(run: Path) -> dict:
             if k.startswith(prefix) and not is_ci(k)
         }
         rec["method"] = results.get("method", rec["method"])
+        rec["extra"] = {k: v for k, v in results.items() if _is_extra(k)}
     elif results.get("status") == "incomplete":
         rec["status"] = "incomplete"
         rec["reason"] = f"incomplete: {results.get('reason', 'training did not complete')}"
@@ -142,6 +145,25 @@ def load_run(run: Path) -> dict:
         rec["status"] = "failed"
         rec["reason"] = _failure_reason(run)
     return rec
+
+
+def _is_extra(key: str) -> bool:
+    """AUROCs of the extra test sets (``extra_test``): ``test_<name>/auroc``, ``.../pixel_auroc``."""
+    prefix, _, metric = key.partition("/")
+    return prefix.startswith("test_") and metric in EXTRA_METRICS
+
+
+def _extra_table(records: list[dict], root: Path) -> list[str]:
+    """One row per run, one column per extra test set and metric (none: no lines)."""
+    keys = sorted({k for r in records for k in r.get("extra", {})})
+    if not keys:
+        return []
+    lines = ["", "Extra test sets (`extra_test`):", ""]
+    lines += ["| run | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
+    for r in records:
+        cells = [_fmt(r.get("extra", {}).get(k)) for k in keys]
+        lines.append(f"| {_rel(r['run'], root)} | {r['method']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(v) -> str:
@@ -318,6 +340,7 @@ def markdown(
             f"({evaluation.N_BOOT} stratified resamples); for a seed group, the mean Δ over "
             "seed-paired runs, images and seeds resampled.",
         ]
+    lines += _extra_table(records, root)
     if failed:
         lines += ["", f"Failed runs ({len(failed)}):", ""]
         lines += [
@@ -376,6 +399,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                 *delta,
                 "test/auroc_components",
                 "test/auroc_classes",
+                "extra_test",
                 "reason",
                 *(f"provenance/{k}" for k in PROVENANCE_COLUMNS),
             ]
@@ -396,6 +420,7 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     *d,
                     _components(r, "; "),
                     _components(r, "; ", "classes"),
+                    "; ".join(f"{k} {_fmt(v)}" for k, v in sorted(r.get("extra", {}).items())),
                     "",
                     *_provenance(r),
                 ]
@@ -410,8 +435,9 @@ def write_csv(path: Path, records: list[dict], failed: list[dict], root: Path) -
                     " ".join(r["overrides"]),
                     r["seed"],
                     *blanks,
-                    "",
-                    "",
+                    "",  # components
+                    "",  # classes
+                    "",  # extra test sets
                     r["reason"],
                     *_provenance(r),
                 ]

@@ -214,3 +214,138 @@ def izif_scores(
     residual = (x.float() - x_hat.float()).pow(2).flatten(1).mean(1)
     feature = (f_x.float() - f_hat.float()).pow(2).flatten(1).mean(1)
     return residual + kappa * feature, residual, feature
+
+
+# -- anomaly maps of reconstruction methods (issue 12, item 5) ----------------------------------
+#: ``map`` values of the reconstruction methods (:func:`anomaly_map`); "residual" is the paper's
+ANOMALY_MAPS = ("residual", "dark", "ssim", "zscore", "dark_z", "feature")
+#: maps that need :func:`fit_residual_norm`'s statistics of normal reconstructions
+NORMALISED_MAPS = ("zscore", "dark_z")
+NORM_BINS = 32  # x_hat intensity bins over [-1, 1] of the residual normaliser
+#: the reconstruction methods' default map and smoothing (pixels), chosen on validation B-scans
+#: (experiments/README.md, "Anomaly maps for dark lesions"); map=residual, map_sigma=0 is the
+#: papers' |x - x_hat|
+DEFAULT_MAP = "dark_z"
+DEFAULT_MAP_SIGMA = 8.0
+
+
+def dark_residual_map(x: Tensor, x_hat: Tensor) -> Tensor:
+    """max(x_hat - x, 0) averaged over channels: (B, 1, H, W); "darker than expected" (fluid)."""
+    return (x_hat.float() - x.float()).clamp_min(0).mean(1, keepdim=True)
+
+
+def _gaussian_blur(x: Tensor, sigma: float, radius: int | None = None) -> Tensor:
+    """Separable Gaussian (radius 3 sigma unless given, reflect padding) over H and W of
+    (B, C, H, W)."""
+    r = radius if radius is not None else round(3 * sigma)
+    r = max(1, min(r, x.shape[-2] - 1, x.shape[-1] - 1))  # reflect padding: r < side
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def ssim_map(x: Tensor, x_hat: Tensor, sigma: float = 1.5, data_range: float = 2.0) -> Tensor:
+    """1 - SSIM(x, x_hat) per pixel (Wang et al. 2004; Gaussian window of ``sigma``, constants
+    K1 = 0.01, K2 = 0.03 of ``data_range``, 2 for [-1, 1]), averaged over channels: (B, 1, H, W),
+    0 for identical images, up to 2."""
+    x, y = x.float(), x_hat.float()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    r = int(3.5 * sigma + 0.5)  # 11 taps at 1.5, Wang et al.'s window (skimage, torchmetrics)
+    mu_x, mu_y = _gaussian_blur(x, sigma, r), _gaussian_blur(y, sigma, r)
+    var_x = _gaussian_blur(x * x, sigma, r) - mu_x**2
+    var_y = _gaussian_blur(y * y, sigma, r) - mu_y**2
+    cov = _gaussian_blur(x * y, sigma, r) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return (1 - ssim).mean(1, keepdim=True)
+
+
+def _bins(x_hat: Tensor, n_bins: int) -> Tensor:
+    return ((x_hat.float().clamp(-1, 1) + 1) / 2 * n_bins).long().clamp_(max=n_bins - 1)
+
+
+def residual_moments(x: Tensor, x_hat: Tensor, n_bins: int = NORM_BINS) -> Tensor:
+    """Per-bin sums of the signed residual d = x_hat - x, binned by x_hat's intensity:
+    (3, n_bins) float64 rows (count, sum d, sum d^2); add them over batches of normal images."""
+    b = _bins(x_hat, n_bins).flatten()
+    d = (x_hat.float() - x.float()).flatten().double()
+    return torch.stack(
+        [
+            torch.bincount(b, minlength=n_bins).double(),
+            torch.bincount(b, d, minlength=n_bins),
+            torch.bincount(b, d * d, minlength=n_bins),
+        ]
+    )
+
+
+def fit_residual_norm(moments: Tensor, min_count: int = 100) -> Tensor:
+    """(2, n_bins) float32 (mean, std) of d = x_hat - x per x_hat intensity bin from
+    :func:`residual_moments`; bins with fewer than ``min_count`` pixels take the overall ones."""
+    n, s, ss = moments.double()
+    if n.sum() < min_count:
+        raise ValueError(f"residual normaliser: {int(n.sum())} pixels, need >= {min_count}")
+    mean_all = s.sum() / n.sum()
+    std_all = (ss.sum() / n.sum() - mean_all**2).clamp_min(1e-12).sqrt()
+    mean = torch.where(n >= min_count, s / n.clamp_min(1), mean_all)
+    std = torch.where(n >= min_count, (ss / n.clamp_min(1) - mean**2).clamp_min(0).sqrt(), std_all)
+    return torch.stack([mean, std.clamp_min(1e-3 * float(std_all))]).float()
+
+
+def normalised_residual_map(x: Tensor, x_hat: Tensor, norm: Tensor, signed: bool = False) -> Tensor:
+    """(d - mean) / std of d = x_hat - x, with the (mean, std) of normal reconstructions at the
+    pixel's expected intensity x_hat (``norm`` (2, n_bins) from :func:`fit_residual_norm`):
+    absolute value, or ``signed``: clamped at 0 (darker than expected), averaged over channels."""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # export: checked before
+    if not tracing and not torch.isfinite(norm).all():
+        raise ValueError(
+            "this map needs the residual normaliser fitted on training normals (fitted at the end "
+            "of training; this model has none: retrain, or choose map=residual|dark|ssim|feature)"
+        )
+    norm = norm.to(x_hat.device)
+    b = _bins(x_hat, norm.shape[1])
+    z = (x_hat.float() - x.float() - norm[0][b]) / norm[1][b]
+    z = z.clamp_min(0) if signed else z.abs()
+    return z.mean(1, keepdim=True)
+
+
+def feature_residual_map(f_x: Tensor, f_hat: Tensor, size: tuple[int, int]) -> Tensor:
+    """Mean over channels of (f(x) - f(x_hat))^2, features (B, C, h, w) of one network layer,
+    upsampled bilinearly to ``size``: (B, 1, *size)."""
+    amap = (f_x.float() - f_hat.float()).pow(2).mean(1, keepdim=True)
+    return F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
+
+
+def anomaly_map(
+    kind: str,
+    x: Tensor,
+    x_hat: Tensor,
+    norm: Tensor | None = None,
+    features: Callable[[Tensor], Tensor] | None = None,
+    sigma: float = 0.0,
+) -> Tensor:
+    """The ``kind`` map of ``ANOMALY_MAPS`` of x and its reconstruction x_hat: (B, 1, H, W),
+    higher = more anomalous, smoothed by a Gaussian of ``sigma`` pixels when > 0. ``norm``: the
+    residual normaliser (zscore, dark_z); ``features``: x -> (B, C, h, w), a layer of the
+    method's own network (feature)."""
+    if kind == "residual":
+        amap = residual_map(x.float(), x_hat.float())
+    elif kind == "dark":
+        amap = dark_residual_map(x, x_hat)
+    elif kind == "ssim":
+        amap = ssim_map(x, x_hat)
+    elif kind in NORMALISED_MAPS:
+        if norm is None:
+            raise ValueError(f"map={kind} needs the residual normaliser")
+        amap = normalised_residual_map(x, x_hat, norm, signed=kind == "dark_z")
+    elif kind == "feature":
+        if features is None:
+            raise ValueError("map=feature: this method has no feature layer for the map")
+        amap = feature_residual_map(features(x), features(x_hat), tuple(x.shape[-2:]))
+    else:
+        raise ValueError(f"map={kind!r}; expected one of {ANOMALY_MAPS}")
+    return _gaussian_blur(amap, sigma) if sigma > 0 else amap

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import artefacts, evaluation, extras, provenance, runtime
+from anogan_lightning import artefacts, evaluation, extras, pixel_eval, provenance, runtime
 from anogan_lightning.methods.base import DivergenceError
 
 log = logging.getLogger("anogan_lightning")
@@ -124,6 +124,33 @@ def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
         raise ValueError(f"{path} does not hold this method's weights: {err}") from None
 
 
+def extra_test_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The data configs of ``cfg.extra_test``: each entry's keys merged over ``cfg.data`` (so
+    the training preprocessing carries over); null entries are switched off."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        name: OmegaConf.merge(data, keys)
+        for name, keys in (cfg.get("extra_test") or {}).items()
+        if keys
+    }
+
+
+def _extra_tests(cfg: DictConfig, model, trainer: pl.Trainer) -> dict[str, tuple[dict, dict]]:
+    """Score the trained model on every test set of :func:`extra_test_configs`: name ->
+    (metrics under ``test_<name>/``, the test record). The validation threshold applies."""
+    out = {}
+    for name, data_cfg in extra_test_configs(cfg).items():
+        log.info("extra test set %s: %s", name, data_cfg.get("root"))
+        dm = hydra.utils.instantiate(data_cfg)
+        dm.setup("test")
+        trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)
+        metrics = {f"test_{name}/{k.split('/', 1)[1]}": v for k, v in model.results["test"].items()}
+        for cls, n in dm.split_summary().get("test", {}).items():
+            metrics[f"data/test_{name}_{cls}"] = n
+        out[name] = (metrics, model.records["test"])
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit, validate, test and write artefacts; returns the flat results dict."""
     t_start = time.perf_counter()
@@ -221,14 +248,27 @@ def run(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
     results.update(model.results.get("test", {}))
+    record = model.records["test"]
     results["time/test_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extra = _extra_tests(cfg, model, trainer)  # cross-device test sets, each under its prefix
+    for metrics, _ in extra.values():
+        results.update(metrics)
+    if extra:
+        results["time/extra_test_s"] = time.perf_counter() - t0
     results["time/total_s"] = time.perf_counter() - t_start
     results.update(provenance.flatten(provenance.data(datamodule, model.data_config)))
     if not trainer.is_global_zero:
         return results
     artefacts.write_results(out_dir / "results.json", results)
-    record = model.records["test"]
     artefacts.write_scores(out_dir / "scores.csv", record)
+    for name, (_, rec) in extra.items():
+        artefacts.write_scores(out_dir / f"scores_{name}.csv", rec)
+        if rec.get("pixel") is not None:
+            px = rec["pixel"]
+            pixel_eval.write_overlays(
+                out_dir / f"bscans_{name}", px["maps"], px["masks"], px["image"], px["ids"], n=8
+            )
     figures = artefacts.write_figures(out_dir, record, title)
     table = artefacts.format_table(results, title)
     _log_to_loggers(trainer, cfg, results, record, figures, table)

@@ -48,7 +48,7 @@ def test_reconstruction_scores():
 
 def test_acae_score_is_a_on_its_own_reconstruction():
     torch.manual_seed(0)
-    model = ACAE(latent_dim=8, width=4, image_size=16, lambda_score=0.25).eval()
+    model = ACAE(latent_dim=8, width=4, image_size=16, lambda_score=0.25, map="residual").eval()
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     with torch.inference_mode():
         out = model.score({"x": x})

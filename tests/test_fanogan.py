@@ -185,7 +185,7 @@ def test_wgan_gp_stage_schedule_gradients_and_critic_loss():
 
 def test_izif_lowers_encoder_loss_with_generator_and_critic_bit_identical():
     pl.seed_everything(0)
-    model = FAnoGAN(**TINY, gan_steps=0, encoder_steps=25, encoder_lr=1e-3)
+    model = FAnoGAN(**TINY, gan_steps=0, encoder_steps=25, encoder_lr=1e-3, map="residual")
     gc = ("generator.", "critic.")
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(gc)}
     loader = _fixed_batches(30)

@@ -223,3 +223,50 @@ def test_2d_checkpoint_reports_volume_files_as_unsupported(tmp_path: Path):
     assert png["status"] == "ok" and png["kind"] == "image" and png["anomalous"] in ("0", "1")
     assert not (out / "bscans.csv").exists()
     assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["000000_scan.png"]
+
+
+def test_retina_checkpoint_scores_whole_scans_as_its_test_run(tmp_path: Path):
+    """A resize=retina checkpoint: predict normalises each scan with the checkpoint's settings,
+    scores every window and aggregates them by its rule, so a B-scan's score is the training
+    run's test score of it; the stitched band map is the heatmap; a scan whose retina is not
+    found is reported unreadable with the reason."""
+    import warnings
+
+    from PIL import Image
+    from test_bscan_windows import S, save, scan
+
+    root = tmp_path / "scans"
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for k in range(n):
+            save(root / f"{split}/NORMAL/NORMAL-{k}-{split}.png", scan(seed=k + 10 * n)[0])
+            if split != "train":
+                save(root / f"{split}/DME/DME-{k}-{split}.png", scan(seed=50 + k, cyst=True)[0])
+    overrides = [o for o in tiny_overrides("autoencoder") if not o.startswith("data.")]
+    overrides += [
+        "data=bscan_folder",
+        "data.resize=retina",
+        f"data.root={root}",
+        f"data.image_size={S}",
+        "data.retina.height=32",
+        "data.retina.spacing_y_um=7.74",
+        "data.window_stride=16",
+        "data.aggregate=topk",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(compose_cfg(overrides, tmp_path / "run"))
+    expected = {Path(r["id"]).name: float(r["score"]) for r in _rows(tmp_path / "run/scores.csv")}
+    Image.fromarray(np.full((248, 384), 90, np.uint8)).save(root / "test/blank.png")
+    out = tmp_path / "pred"
+    _predict(tmp_path / "run", root / "test", out, "batch_size=3")
+    rows = {Path(r["path"]).name: r for r in _rows(out / "predictions.csv")}
+    assert set(rows) == set(expected) | {"blank.png"}
+    for name, score in expected.items():
+        assert rows[name]["status"] == "ok"
+        assert float(rows[name]["score"]) == pytest.approx(score, rel=1e-5), name
+        assert int(rows[name]["patches"]) > 1  # windows across the whole band
+    assert rows["blank.png"]["status"] == "unreadable" and "blank.png" in rows["blank.png"]["error"]
+    assert len(list((out / "heatmaps").glob("*.png"))) == len(expected)

@@ -161,7 +161,7 @@ def test_autoencoder_scores_what_it_did_not_learn_higher():
     (mean squared error of G(x)) then ranks that batch below noise images, and below the same
     scans with a bright square pasted in; ``score`` is the error of its own reconstruction."""
     torch.manual_seed(0)
-    model = AutoEncoder(width=8, image_size=16)
+    model = AutoEncoder(width=8, image_size=16, map="residual")
     normal = make_split(16, 16, "train", seed=3).images
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):

@@ -341,6 +341,18 @@ def window_starts(length: int, size: int, stride: int) -> np.ndarray:
 AGGREGATIONS = ("max", "mean", "topk")
 
 
+def retina_norm(retina: dict | None, fill_white: bool = FILL_WHITE) -> pp.RetinaNorm:
+    """:class:`~anogan_lightning.data.preprocess.RetinaNorm` from a data config's ``retina``
+    keys (``fill_white`` unless they set it); an unknown key is an error naming it."""
+    retina = dict(retina or {})
+    if retina.get("intensity_percentiles") is not None:
+        retina["intensity_percentiles"] = tuple(retina["intensity_percentiles"])
+    try:
+        return pp.RetinaNorm(**{"fill_white": fill_white, **retina})
+    except TypeError as e:
+        raise ValueError(f"retina: {e} (keys: RetinaNorm's fields)") from None
+
+
 class RetinaBScanDataset(Dataset):
     """Retina-normalised B-scans (:func:`anogan_lightning.data.preprocess.normalize_bscan`) as
     ``image_size`` windows.
@@ -604,13 +616,7 @@ class KermanyDataModule(AnomalyDataModule):
         self.preload = preload
         self.flatten = flatten
         self.fill_white = fill_white
-        retina = dict(retina or {})
-        if "intensity_percentiles" in retina and retina["intensity_percentiles"] is not None:
-            retina["intensity_percentiles"] = tuple(retina["intensity_percentiles"])
-        try:
-            self.retina = pp.RetinaNorm(**{"fill_white": fill_white, **retina})
-        except TypeError as e:
-            raise ValueError(f"retina: {e} (keys: RetinaNorm's fields)") from None
+        self.retina = retina_norm(retina, fill_white)
         if resize == "retina" and not preload:
             raise ValueError("resize='retina' normalises every scan once: it needs preload=true")
         self.window_stride = window_stride

@@ -14,7 +14,8 @@ weight of D in the score, not of a training loss) on the autoencoder's own recon
 R = Σ|x - x̂| and D = Σ|f(x) - f(x̂)|, f = the discriminator's block ``feature_layer``; no
 latent search, one forward pass (``scoring.reconstruction_scores``). Components: ``residual``,
 ``discrimination`` and ``pd`` (the discriminator's verdict on the query, -logit). Anomaly map:
-|x - x̂|.
+``map`` of :func:`anogan_lightning.scoring.anomaly_map` (the paper's |x - x̂|:
+``map=residual map_sigma=0``).
 
 Choices the paper leaves open:
 - Reconstruction loss L1 (mean), the distance the residual score R uses.
@@ -37,7 +38,7 @@ from anogan_lightning.methods.anogan import DiscriminatorCalibration
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.acae import ConvAutoencoder
 from anogan_lightning.nets.dcgan import DCGANDiscriminator
-from anogan_lightning.scoring import reconstruction_scores, residual_map
+from anogan_lightning.scoring import DEFAULT_MAP, DEFAULT_MAP_SIGMA, reconstruction_scores
 
 
 class ACAE(DiscriminatorCalibration, AnomalyModule):
@@ -59,6 +60,8 @@ class ACAE(DiscriminatorCalibration, AnomalyModule):
         lambda_score: float = 0.1,
         calibrate_d: bool = True,
         calibration_batches: int = 50,
+        map: str = DEFAULT_MAP,
+        map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__()
         if calibration_batches < 1:
@@ -93,6 +96,12 @@ class ACAE(DiscriminatorCalibration, AnomalyModule):
         logs |= {"train/loss_ae": loss_ae, "train/loss_rec": loss_rec, "train/loss_adv": loss_adv}
         self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.autoencoder(x).float()
+
+    def map_features(self, x: Tensor) -> Tensor:
+        return self.discriminator.features(x)[0]  # D's first block, (B, width, S/2, S/2)
+
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         with torch.no_grad():
@@ -107,5 +116,5 @@ class ACAE(DiscriminatorCalibration, AnomalyModule):
             "discrimination": discrimination,
             "pd": pd,
             "x_hat": x_hat,
-            "amap": residual_map(x.float(), x_hat),
+            "amap": self.anomaly_map(x, x_hat),
         }

@@ -7,7 +7,8 @@ eq. 1) alone, so that this row differs from pix2pix #1 only by the adversarial t
 mean squared reconstruction error per image, ``score``. Components: ``l1``, the mean absolute
 error, and ``latent``, ||G_en(x) - G_en(G(x))||^2 / (C h w) (pix2pix #2's score on a
 non-adversarial model: the #2 vs AE comparison without training another model). Anomaly map:
-the residual |x - G(x)|. Adam, plain automatic optimisation.
+``map`` of :func:`anogan_lightning.scoring.anomaly_map` (``map=residual map_sigma=0``: the
+residual |x - G(x)|). Adam, plain automatic optimisation.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.nets.common import nhwc
 from anogan_lightning.nets.pix2pix import EncoderDecoder
-from anogan_lightning.scoring import mean_sq, residual_map
+from anogan_lightning.scoring import DEFAULT_MAP, DEFAULT_MAP_SIGMA, mean_sq
 
 
 class AutoEncoder(AnomalyModule):
@@ -32,10 +34,18 @@ class AutoEncoder(AnomalyModule):
         latent_channels: int | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
+        map: str = DEFAULT_MAP,
+        map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.generator = EncoderDecoder(channels, width, image_size, latent_channels)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.generator(x)[0].float()
+
+    def map_features(self, x: Tensor) -> Tensor:
+        return self.generator.encoder.net[:2](nhwc(x))  # G_en's first stage, (B, width, S/2, S/2)
 
     def configure_optimizers(self):
         return self.adam(self.generator.parameters())
@@ -60,5 +70,5 @@ class AutoEncoder(AnomalyModule):
             "l1": (x.float() - x_hat).abs().flatten(1).mean(1),
             "latent": mean_sq(h_in, h_re),
             "x_hat": x_hat,
-            "amap": residual_map(x.float(), x_hat),
+            "amap": self.anomaly_map(x, x_hat),
         }

@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from anogan_lightning import evaluation, pixel_eval
+from anogan_lightning import evaluation, pixel_eval, scoring
 from anogan_lightning.losses import bce_discriminator_loss
 
 N_SAMPLES = 8  # images per class kept for samples.png
 N_EXTREMES = 4  # highest- and lowest-scoring test images kept for anomaly_maps/
+MAP_NORM_BATCHES = 32  # training batches of normals the residual normaliser is fitted on
 
 
 class DivergenceError(FloatingPointError):
@@ -43,6 +44,10 @@ class AnomalyModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
+        if self.reconstruct is not None:
+            # (mean, std) of x_hat - x on training normals per x_hat intensity bin, for the
+            # normalised anomaly maps (scoring.NORMALISED_MAPS); NaN until fitted
+            self.register_buffer("map_norm", torch.full((2, scoring.NORM_BINS), math.nan))
         self.records: dict[str, dict] = {}
         self.results: dict[str, dict[str, float]] = {}
         self._buffers_by_split: dict[str, dict] = {}
@@ -61,9 +66,18 @@ class AnomalyModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "map" in self.hparams and "map" not in checkpoint.get("hyper_parameters", {"map": 0}):
+            # trained before the map choice: keep the map it was evaluated with
+            self.hparams.map, self.hparams.map_sigma = self.legacy_map, 0.0
         stored = checkpoint.get("anogan_lightning", {})
         self.data_config = stored.get("data", {})
         self.provenance = stored.get("provenance", {})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        missing = args[2]  # checkpoints from before the normaliser: it stays unfitted (NaN)
+        if prefix + "map_norm" in missing:
+            missing.remove(prefix + "map_norm")
 
     # -- training: per-epoch seeding, so a resumed run matches an uninterrupted one ------------
     def on_fit_start(self) -> None:
@@ -92,6 +106,51 @@ class AnomalyModule(pl.LightningModule):
     def incomplete_reason(self) -> str:
         """Why :meth:`training_complete` is False (one line, for results.json and the report)."""
         return f"{type(self).__name__}: training did not complete"
+
+    #: reconstruction methods: x (B, C, H, W) -> x_hat, for the residual normaliser
+    reconstruct = None
+    #: methods with ``map=feature``: x -> (B, C, h, w), a layer of their own network
+    map_features = None
+    #: the map of checkpoints saved before the ``map`` hyperparameter existed
+    legacy_map = "residual"
+
+    # -- anomaly maps of reconstruction methods (hparams ``map``, ``map_sigma``) ----------------
+    def anomaly_map(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """The ``map`` hyperparameter's map of x and x_hat (:func:`scoring.anomaly_map`)."""
+        hp = self.hparams
+        return scoring.anomaly_map(
+            hp.get("map", "residual"),
+            x.float(),
+            x_hat.float(),
+            self.map_norm,
+            self.map_features,
+            hp.get("map_sigma", 0.0),
+        )
+
+    @torch.no_grad()
+    def fit_map_norm(self, loader, max_batches: int = MAP_NORM_BATCHES) -> None:
+        """Fit ``map_norm`` on the reconstructions of (up to ``max_batches``) batches of normal
+        images of ``loader``; eval mode, the training mode restored after."""
+        was_training = self.training
+        self.eval()
+        moments = torch.zeros(3, scoring.NORM_BINS, dtype=torch.float64)
+        for k, batch in enumerate(loader):
+            if k >= max_batches:
+                break
+            if batch is None:
+                continue
+            x = batch["x"].to(self.device)
+            moments += scoring.residual_moments(x, self.reconstruct(x)).cpu()
+        if dist.is_available() and dist.is_initialized():
+            moments = moments.to(self.device)
+            dist.all_reduce(moments)
+        self.map_norm.copy_(scoring.fit_residual_norm(moments.cpu()))
+        self.train(was_training)
+
+    def on_train_end(self) -> None:
+        loader = getattr(self.trainer, "train_dataloader", None)
+        if self.reconstruct is not None and loader is not None:
+            self.fit_map_norm(loader)
 
     # -- helpers ------------------------------------------------------------------------------
     def check_finite(self, **losses: Tensor) -> None:

@@ -30,8 +30,9 @@ resumed run (``ckpt_path=``) continues in the right stage.
 Scoring: A(x) = A_R(x) + κ·A_D(x), the izi_f loss per image, one encoder pass;
 components ``residual`` (A_R), ``feature`` (A_D) and ``latent`` = ||E(x) - E(G(E(x)))||², the
 latent distance the paper also evaluates (computed as the reference code's
-``anomaly_scoring``, summed here, not averaged: the same order). Anomaly map: the pixel residual
-|x - G(E(x))|.
+``anomaly_scoring``, summed here, not averaged: the same order). Anomaly map: ``map`` of
+:func:`anogan_lightning.scoring.anomaly_map` (the paper's pixel residual |x - G(E(x))|:
+``map=residual map_sigma=0``).
 
 Choices the papers leave open:
 - Prior z ~ U(-1, 1)^128 (``prior="uniform"``): E ends in tanh, so only a bounded prior can be
@@ -62,7 +63,7 @@ from anogan_lightning.methods._checkpoint import load_networks
 from anogan_lightning.methods.base import AnomalyModule
 from anogan_lightning.nets.encoder import ResNetEncoder
 from anogan_lightning.nets.wgan import ResNetCritic, ResNetGenerator
-from anogan_lightning.scoring import izif_scores, residual_map
+from anogan_lightning.scoring import DEFAULT_MAP, DEFAULT_MAP_SIGMA, izif_scores
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class FAnoGAN(AnomalyModule):
         encoder_steps: int = 50_000,
         gan_checkpoint: str | None = None,
         gan_time_fraction: float = 0.5,
+        map: str = DEFAULT_MAP,
+        map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__()
         if prior not in ("uniform", "normal"):
@@ -191,6 +194,7 @@ class FAnoGAN(AnomalyModule):
             self.trainer.should_stop = True  # nothing (left) to train
 
     def on_train_end(self) -> None:
+        super().on_train_end()  # the residual normaliser, on G(E(x))
         n_gan, n_enc = self.stage_lengths
         it = int(self.iteration)
         log.info(
@@ -283,6 +287,13 @@ class FAnoGAN(AnomalyModule):
         )
 
     # -- scoring ------------------------------------------------------------------------------
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.generator(self.encoder(x)).float()
+
+    def map_features(self, x: Tensor) -> Tensor:
+        body = self.critic.body
+        return body.blocks[0](body.stem(x))  # the critic's first block, (B, 2d, S/2, S/2)
+
     def score(self, batch: dict, batch_idx: int = 0) -> dict[str, Tensor]:
         x = batch["x"]
         with torch.no_grad():
@@ -298,6 +309,6 @@ class FAnoGAN(AnomalyModule):
             "feature": feature,
             "latent": latent,
             "x_hat": x_hat.float(),
-            "amap": residual_map(x.float(), x_hat.float()),
+            "amap": self.anomaly_map(x, x_hat),
             "z": z.float(),
         }

@@ -11,8 +11,10 @@ Scores, both reported in every run as components, so the #1 vs #2 ablation is on
 - ``image`` (#1): mean over pixels of (I_in - I_re)^2;
 - ``latent`` (#2, eq. 4): A(I) = ||H_in - H_re||^2 / (C h w), H_in = G_en(I_in), H_re = E(I_re),
   the encoder E being G_en itself (one parameter set, ``Pix2Pix.E``).
-``score_space`` picks which of the two is ``score``. Pixel anomaly map: the residual |I_in - I_re|
-for #1; the Anomaly Activation Map (eq. 8, :func:`anogan_lightning.scoring.anomaly_activation_map`) for #2.
+``score_space`` picks which of the two is ``score``. Pixel anomaly map: ``map`` of
+:func:`anogan_lightning.scoring.anomaly_map` for #1 and #2 (the residual |I_in - I_re|:
+``map=residual map_sigma=0``), or ``map=aam``: the Anomaly Activation Map (eq. 8,
+:func:`anogan_lightning.scoring.anomaly_activation_map`; Sparse-GAN's, and #2's before the maps).
 
 Choices the paper leaves open:
 - Backbone: a DCGAN/pix2pix-style conv encoder-decoder without skips, depth from the image size,
@@ -43,8 +45,16 @@ from torch import Tensor, nn
 
 from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.nets.common import nhwc
 from anogan_lightning.nets.pix2pix import EncoderDecoder, PatchDiscriminator
-from anogan_lightning.scoring import anomaly_activation_map, latent_stats, mean_sq, residual_map
+from anogan_lightning.scoring import (
+    ANOMALY_MAPS,
+    DEFAULT_MAP,
+    DEFAULT_MAP_SIGMA,
+    anomaly_activation_map,
+    latent_stats,
+    mean_sq,
+)
 
 SCORE_SPACES = ("image", "latent")
 ADV_LOSSES = ("bce", "feature")
@@ -67,8 +77,12 @@ class Pix2Pix(AnomalyModule):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
         lambda_lat: float = 0.0,
+        map: str = DEFAULT_MAP,
+        map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__()
+        if map not in (*ANOMALY_MAPS, "aam"):
+            raise ValueError(f"map={map!r}; expected one of {(*ANOMALY_MAPS, 'aam')}")
         if score_space not in SCORE_SPACES:
             raise ValueError(f"score_space={score_space!r}; expected one of {SCORE_SPACES}")
         if adv_loss not in ADV_LOSSES:
@@ -151,6 +165,16 @@ class Pix2Pix(AnomalyModule):
         logs |= extra_logs | latent_stats(h_in.detach())
         self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
+    @property
+    def legacy_map(self) -> str:
+        return "aam" if self.hparams.score_space == "latent" else "residual"
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.generate(x)[0].float()
+
+    def map_features(self, x: Tensor) -> Tensor:
+        return self.generator.encoder.net[:2](nhwc(x))  # G_en's first stage, (B, width, S/2, S/2)
+
     def forward_scores(self, x: Tensor) -> dict[str, Tensor]:
         """x_hat = G(x), H_in = G_en(x), H_re = E(x_hat) and the image / latent scores."""
         x_hat, h_in, _ = self.generate(x)
@@ -169,8 +193,8 @@ class Pix2Pix(AnomalyModule):
         out = {name: f[name] for name in self.components}
         out["score"] = f[self.hparams.score_space]
         out["x_hat"] = f["x_hat"].float()
-        if self.hparams.score_space == "latent":
+        if self.hparams.get("map", "aam") == "aam":  # Sparse-GAN's AAM, eq. 8
             out["amap"] = anomaly_activation_map(f["h_in"], f["h_re"], x.shape[-2:])
         else:
-            out["amap"] = residual_map(x.float(), out["x_hat"])
+            out["amap"] = self.anomaly_map(x, out["x_hat"])
         return out

@@ -120,6 +120,7 @@ class SparseGAN(Pix2Pix):
             lr,
             betas,
             lambda_lat,
+            map="aam",  # the AAM, eq. 8
         )
         if decode_from not in DECODE_FROM:
             raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
