@@ -113,7 +113,18 @@ def test_overlay_pngs(tmp_path):
     assert drawn == [1, 0] and all(p.is_file() for p in paths)
 
 
-def test_binned_and_exact_metrics_match_torchmetrics_on_unit_range_scores():
+@pytest.fixture
+def fast_bincount():
+    """torchmetrics' binned metrics under torch's deterministic mode (which a training run
+    earlier in the same process switches on: trainer.deterministic) count with a one-hot
+    matrix of N x 4 n^2 entries (42 GB for the test below): compare with its bincount."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def test_binned_and_exact_metrics_match_torchmetrics_on_unit_range_scores(fast_bincount):
     """The hand-written metrics give torchmetrics' results where torchmetrics applies: scores
     inside [0, 1] (it passes others through a sigmoid), thresholds at our bin edges. Why
     pixel_eval keeps its own code is in its module docstring; the raw-score case is below."""
@@ -127,16 +138,9 @@ def test_binned_and_exact_metrics_match_torchmetrics_on_unit_range_scores():
     edges = torch.tensor(lo + np.arange(n) * (hi - lo) / n)  # the lower edges of our bins
 
     binned, _ = pe.histogram_auroc(*pe.histograms(s, t, lo, hi, n))
-    # torchmetrics' binned path under torch's deterministic mode (which a training run earlier
-    # in this process switches on: trainer.deterministic) counts with a one-hot matrix of
-    # N x 4 * n^2 entries (42 GB here): compare with its fast bincount
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        theirs = float(tm.binary_auroc(scores, target, thresholds=edges))
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    assert binned == pytest.approx(theirs, abs=1e-6)
+    assert binned == pytest.approx(
+        float(tm.binary_auroc(scores, target, thresholds=edges)), abs=1e-6
+    )
     assert pe.exact_auroc(s, t) == pytest.approx(float(tm.binary_auroc(scores, target)), abs=1e-6)
 
     def tm_best_dice(thresholds):
