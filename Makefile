@@ -20,7 +20,7 @@ train: install
 	$(PYTHON) -m anogan_lightning.train +method=anogan $(ARGS)
 
 test: install
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n auto $(ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -1,3 +1,13 @@
 """anogan_lightning: unsupervised anomaly detection in retinal OCT on PyTorch Lightning + Hydra."""
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: the Hydra configs beside the package (``conf/``)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def available_methods() -> list[str]:
+    """The names of the method configs, ``conf/method/<name>.yaml``."""
+    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))

@@ -45,6 +45,21 @@ def write_results(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
+def read_finished(out_dir: Path) -> dict | None:
+    """The results of a run that already finished in ``out_dir`` (its ``results.json`` has a
+    test AUROC, or says the training was incomplete, which a rerun would repeat), else None."""
+    f = out_dir / "results.json"
+    if not f.is_file():
+        return None
+    try:
+        results = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    if results.get("status") == "incomplete":
+        return results
+    return results if "test/auroc" in results else None
+
+
 def write_scores(path: Path, record: dict) -> None:
     """One row per image: id, label, score, every score component, and ``class`` (the image's
     class name) where the data knows sub-classes."""

@@ -10,10 +10,11 @@ imported where a feature needs them, through :func:`require`, never at the top o
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
 from omegaconf import OmegaConf
+
+from anogan_lightning import CONF_DIR
 
 #: top-level module -> (pip distribution, extra)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -33,8 +34,6 @@ PLUGIN_OPTIONS: dict[tuple[str, str], str] = {
     ("hydra/launcher", "submitit_slurm"): "hydra_plugins.hydra_submitit_launcher",
     ("hydra/launcher", "submitit_local"): "hydra_plugins.hydra_submitit_launcher",
 }
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class MissingExtraError(ImportError):

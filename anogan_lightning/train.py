@@ -7,7 +7,6 @@ into the Hydra run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -21,15 +20,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import artefacts, evaluation, extras, pixel_eval, provenance, runtime
+from anogan_lightning import (
+    artefacts,
+    available_methods,
+    evaluation,
+    extras,
+    pixel_eval,
+    provenance,
+    runtime,
+)
 from anogan_lightning.methods.base import DivergenceError
 
 log = logging.getLogger("anogan_lightning")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def available_methods() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -262,34 +264,21 @@ def run(cfg: DictConfig) -> dict:
         return results
     artefacts.write_results(out_dir / "results.json", results)
     artefacts.write_scores(out_dir / "scores.csv", record)
+    draw = cfg.get("figures", True)
     for name, (_, rec) in extra.items():
         artefacts.write_scores(out_dir / f"scores_{name}.csv", rec)
-        if rec.get("pixel") is not None:
+        if draw and rec.get("pixel") is not None:
             px = rec["pixel"]
             pixel_eval.write_overlays(
                 out_dir / f"bscans_{name}", px["maps"], px["masks"], px["image"], px["ids"], n=8
             )
-    figures = artefacts.write_figures(out_dir, record, title)
+    figures = artefacts.write_figures(out_dir, record, title) if draw else {}
     table = artefacts.format_table(results, title)
     _log_to_loggers(trainer, cfg, results, record, figures, table)
     for fig in figures.values():
         artefacts.plt.close(fig)
     print(f"\n{table}\n\nartefacts: {out_dir}")
     return results
-
-
-def _finished(out_dir: Path) -> dict | None:
-    """The results of a job that already finished in ``out_dir`` (a rerun sweep), else None."""
-    f = out_dir / "results.json"
-    if not f.is_file():
-        return None
-    try:
-        results = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    if results.get("status") == "incomplete":  # rerunning would end the same way
-        return results
-    return results if "test/auroc" in results else None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -300,7 +289,7 @@ def main(cfg: DictConfig) -> float | None:
             + ", ".join(available_methods())
         )
     out_dir = Path(cfg.paths.output_dir)
-    if cfg.get("skip_finished", True) and (done := _finished(out_dir)) is not None:
+    if cfg.get("skip_finished", True) and (done := artefacts.read_finished(out_dir)) is not None:
         log.info("already finished, skipped (skip_finished=false reruns it): %s", out_dir)
         if done.get("status") == "incomplete":
             raise TrainingIncomplete(f"{done.get('reason')} (an earlier run of {out_dir})")

@@ -45,8 +45,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without an install
 
-from anogan_lightning import evaluation, report  # noqa: E402
-from anogan_lightning.train import _finished, available_methods  # noqa: E402
+from anogan_lightning import artefacts, available_methods, evaluation, report  # noqa: E402
 
 KERMANY_DEFAULTS = {
     "data.image_size": "64",
@@ -97,7 +96,7 @@ def run_job(job: dict, sweep: Path, log) -> dict:
     """One job: skipped when finished, else ``python -m anogan_lightning.train -m ...``."""
     out = sweep / job["name"]
     tag = f"[{job['index']}/{job['total']}] {job['method']} seed {job['seed']}"
-    done = _finished(out)
+    done = artefacts.read_finished(out)
     if done is not None:
         log(f"{tag}: already finished, skipped ({_outcome(done)})")
         return job | {"skipped": True}
@@ -374,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stored.write_text(json.dumps(settings, indent=2) + "\n")
 
-    jobs = []
-    for method in args.method_list:
-        for seed in range(args.seeds):
+    jobs = []  # seed-major: a run cut short has every method at its first seeds
+    for seed in range(args.seeds):
+        for method in args.method_list:
             jobs.append(
                 {
                     "method": method,

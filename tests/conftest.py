@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 MINI = REPO.parent / "shared/data/kermany-mini"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+# `make test` runs pytest-xdist workers, one per core: each computes on one thread, and so do
+# the subprocesses it starts (the environment), since workers at torch's default of one thread
+# per core would oversubscribe the cores, and OpenMP's spinning threads make that several times
+# slower. tests/test_reproducibility.py removes the setting for its runs at the default count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Tiny settings for any method: applied to the keys a method's config has, so a new
 # conf/method/*.yaml runs through the same tests without a new test.
@@ -46,6 +55,7 @@ TINY_DATA = [
     "trainer.max_epochs=1",
     "logger=csv",
     "~callbacks.progress_bar",
+    "figures=false",  # the figures take most of a tiny run; the tests of artefacts turn them on
 ]
 
 
@@ -102,3 +112,10 @@ def needs_mini():
     if not MINI.is_dir():
         pytest.skip(f"kermany-mini sample not found at {MINI}")
     return MINI
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort, the rest in file order): with xdist workers the long
+    ones then overlap each other and the short ones fill the gaps, instead of one long test
+    starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -133,6 +133,7 @@ def test_training_ends_with_d_recalibrated_on_real_images_generator_untouched(tm
     torch.testing.assert_close(loaded.discriminator.blocks[1][1].running_var, var)
 
 
+@pytest.mark.slow
 def test_fit_false_recalibrates_only_a_checkpoint_that_was_not(tmp_path, monkeypatch):
     """Through the entry point: a fit recalibrates once; fit=false on its model.ckpt does not
     redo it; fit=false on a checkpoint from before the flag recalibrates (from the run's data

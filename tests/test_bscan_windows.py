@@ -298,6 +298,7 @@ def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_pa
         "data.batch_size=4",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.aggregate=topk",
+        "figures=true",
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -78,6 +78,7 @@ def test_extra_test_sets_scored_under_their_prefixes(sets: Path, tmp_path: Path,
         "+extra_test.third.root=third",
         "+extra_test.third.val_fraction=0",
         "+extra_test.off=null",
+        "figures=true",
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -299,6 +299,7 @@ def test_end_to_end_pixel_evaluation(tmp_path, method: str):
         "data.image_size=32",
         "data.crop_height=48",
         "data.train_patches_per_bscan=2",
+        "figures=true",
     ]
     results = run(compose_cfg(overrides, tmp_path / "run"))
     assert 0 <= results["test/pixel_auroc"] <= 1 and results["test/pixel_lesion_count"] > 0

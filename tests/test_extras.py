@@ -44,6 +44,7 @@ def _python(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 def test_package_and_synthetic_main_job_need_no_extra(tmp_path: Path):
     code = f"""
     import importlib, math, pkgutil

@@ -35,7 +35,7 @@ def fitted(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
 def _fit(method: str, cache: dict, tmp_path_factory) -> tuple[dict, Path]:
     if method not in cache:
         out = tmp_path_factory.mktemp(f"run_{method}")
-        cfg = compose_cfg(tiny_overrides(method), out)
+        cfg = compose_cfg([*tiny_overrides(method), "figures=true"], out)
         cache[method] = (run(cfg), out)
     return cache[method]
 

@@ -17,10 +17,17 @@ from anogan_lightning import provenance
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+# a fresh process at the default thread count (`make test` sets one thread for its workers)
+DEFAULT_ENV = {
+    k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+}
+
+
 def _train(overrides: list[str], out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     cmd = [sys.executable, "-m", "anogan_lightning.train", *overrides, f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=DEFAULT_ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
@@ -49,9 +56,11 @@ def test_two_processes_give_identical_scores(method: str, tmp_path: Path):
 
 
 def _default_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    code = "import torch; print(torch.get_num_threads())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=DEFAULT_ENV, capture_output=True, text=True
+    )
+    return int(proc.stdout)
 
 
 def test_results_carry_provenance(tmp_path: Path):

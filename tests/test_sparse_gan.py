@@ -276,6 +276,7 @@ MODES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", MODES, ids=lambda k: "-".join(map(str, k.values())) or "default")
 def test_each_mode_trains_and_logs_the_latent(kwargs):
     model = SparseGAN(width=4, image_size=16, **kwargs)

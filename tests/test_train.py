@@ -43,9 +43,10 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_command_line_writes_every_artefact(tmp_path: Path):
     run_dir = tmp_path / "run"
-    proc = _cli(*tiny_overrides("anogan"), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = _cli(*tiny_overrides("anogan"), "figures=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     for key in RESULT_KEYS:
@@ -71,6 +72,7 @@ def test_no_method_lists_the_methods(tmp_path: Path):
     assert all(m in lines[0] for m in METHODS)
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_an_override(tmp_path: Path):
     sweep = tmp_path / "sweep"
     args = [a for a in tiny_overrides("anogan") if not a.startswith("method.mapping_steps")]
@@ -105,11 +107,14 @@ def test_overrides_compose(tmp_path: Path):
     assert cfg.logger.wandb._target_.endswith("WandbLogger")
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path: Path):
     a = run(compose_cfg(tiny_overrides("anogan"), tmp_path / "a"))
     b = run(compose_cfg(tiny_overrides("anogan"), tmp_path / "b"))
     keys = [k for k in a if k.startswith(("val/", "test/"))]
     assert keys and all(a[k] == pytest.approx(b[k], nan_ok=True) for k in keys)
+    # figures=false (the tiny settings): the numbers, no figure
+    assert (tmp_path / "a/scores.csv").is_file() and not list((tmp_path / "a").rglob("*.png"))
 
 
 def test_inference_mode_override_fails_early(tmp_path: Path):
@@ -217,8 +222,9 @@ def test_incomplete_training_reports_no_auroc(tmp_path: Path, monkeypatch):
     """A method whose training_complete() is False: results.json says incomplete with the
     reason and holds no AUROC; a rerun skips the job and says the same; the report lists it."""
     from anogan_lightning import report
+    from anogan_lightning.artefacts import read_finished
     from anogan_lightning.methods.autoencoder import AutoEncoder
-    from anogan_lightning.train import TrainingIncomplete, _finished
+    from anogan_lightning.train import TrainingIncomplete
 
     monkeypatch.setattr(AutoEncoder, "training_complete", lambda self: False)
     monkeypatch.setattr(AutoEncoder, "incomplete_reason", lambda self: "stage 2 never ran")
@@ -229,7 +235,7 @@ def test_incomplete_training_reports_no_auroc(tmp_path: Path, monkeypatch):
     assert not any("auroc" in k for k in results) and results["train/epochs"] == 1
     assert (tmp_path / "checkpoints/last.ckpt").is_file()
     assert not (tmp_path / "scores.csv").exists()
-    assert _finished(tmp_path)["status"] == "incomplete"  # skip_finished: not retrained
+    assert read_finished(tmp_path)["status"] == "incomplete"  # skip_finished: not retrained
     assert report.load_run(tmp_path)["status"] == "incomplete"
     assert report.load_run(tmp_path)["reason"] == "incomplete: stage 2 never ran"
 

@@ -35,6 +35,7 @@ def _cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path):
     tiny = tiny_overrides("anogan")
     full = run(compose_cfg([*tiny, "trainer.max_epochs=3"], tmp_path / "full"))
@@ -49,6 +50,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path):
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
 
 
+@pytest.mark.slow
 def test_evaluation_only_run_reuses_the_weights(tmp_path: Path):
     tiny = tiny_overrides("anogan")
     trained = run(compose_cfg(tiny, tmp_path / "train"))
@@ -66,6 +68,7 @@ def test_evaluation_only_run_reuses_the_weights(tmp_path: Path):
         run(compose_cfg([*tiny, "fit=false", "ckpt_path=/nowhere.ckpt"], tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_score_like_one(tmp_path: Path):
     """2-process DDP (gloo, CPU): the mapping is split across ranks, the metrics gathered."""
     tiny = tiny_overrides("anogan")
@@ -92,6 +95,7 @@ def test_ddp_two_processes_score_like_one(tmp_path: Path):
     assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-4) for k in a)
 
 
+@pytest.mark.slow
 def test_predict_folder_with_a_corrupt_file(tmp_path: Path):
     import numpy as np
     from PIL import Image
@@ -143,6 +147,7 @@ def test_predict_folder_with_a_corrupt_file(tmp_path: Path):
     assert "skipping unreadable image" in proc.stdout + proc.stderr  # the warning names it
 
 
+@pytest.mark.slow
 def test_multirun_over_two_methods_then_report(tmp_path: Path):
     """One job per method in one multirun; the report compares them in one table and plot."""
     from conftest import TINY_DATA
