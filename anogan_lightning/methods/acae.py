@@ -64,8 +64,7 @@ class ACAE(DiscriminatorCalibration, AnomalyModule):
         map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__()
-        if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        self.check_calibration_batches(calibration_batches)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.autoencoder = ConvAutoencoder(latent_dim, channels, width, image_size)

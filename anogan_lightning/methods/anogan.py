@@ -77,6 +77,11 @@ class DiscriminatorCalibration:
     ``calibration_batches``.
     """
 
+    @staticmethod
+    def check_calibration_batches(calibration_batches: int) -> None:
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+
     def calibrate_discriminator(self, loader) -> int:
         """Recalibrate on up to ``calibration_batches`` batches of ``loader`` (dicts with
         ``x``); returns the number of batches used and sets ``discriminator.calibrated``."""
@@ -182,8 +187,7 @@ class AnoGAN(DiscriminatorCalibration, AnomalyModule):
                 choices = ", ".join(("anomaly", *type(self).components))
                 raise ValueError(f"score_name must be one of {choices}, got {score_name!r}")
             self.components = ("anomaly", *type(self).components)  # A(x) beside the headline
-        if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        self.check_calibration_batches(calibration_batches)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = DCGANGenerator(latent_dim, channels, width, image_size)
