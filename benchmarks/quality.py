@@ -9,7 +9,9 @@ It is the ordinary machinery, not a second pipeline: each job is one
 (``<out>/sweep/<m>_seed<k>``), one thread each (``OMP_NUM_THREADS=1``), ``--jobs`` at a time;
 a job whose folder already holds a finished ``results.json`` is skipped (the entry point's
 ``skip_finished`` test), so a rerun resumes where the last one stopped; a failed job leaves
-``error.txt`` in its folder and is listed with that reason, the others go on. The tables come
+``error.txt`` in its folder and is listed with that reason, the others go on;
+``--summary-only`` writes the tables from the jobs finished so far and starts none (a run cut
+short, or seeds still running elsewhere). The tables come
 from :mod:`anogan_lightning.report` (run records, seed aggregation, paired differences).
 
 Defaults (the issue 11 protocol): ``data=kermany data.root=../shared/data/kermany-mini
@@ -341,6 +343,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1, help="jobs at a time, one thread each")
     ap.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output folder")
     ap.add_argument("--reference", default="autoencoder", help="method to compare against")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="write the tables from the jobs that have finished; start no job",
+    )
     args = ap.parse_args(argv)
     if args.data != "kermany" and args.data_root == ap.get_default("data_root"):
         args.data_root = ""
@@ -393,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     log(f"{len(jobs)} jobs ({len(args.method_list)} methods x {args.seeds} seeds) in {sweep}")
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda j: run_job(j, sweep, log), jobs))
+    if not args.summary_only:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda j: run_job(j, sweep, log), jobs))
 
     rows = summarise(sweep, jobs, args.reference)
     cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

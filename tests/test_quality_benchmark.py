@@ -73,6 +73,11 @@ def test_tiny_quality_run_rerun_and_a_failed_job(tmp_path: Path):
     assert again.stdout.count("already finished, skipped") == 4
     assert again.stdout.count(": started") == 2 and "acae seed 1: started" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # the tables alone, from what has finished: no job starts, a missing one is listed
+    summary = _quality(*args, "--seeds", "3", "--summary-only", cwd=tmp_path)
+    assert summary.returncode == 1 and ": started" not in summary.stdout
+    assert "| autoencoder | 2/3 |" in (out / "quality.md").read_text()
+    assert "did not run" in (out / "quality.md").read_text()
     # other settings in the same folder are refused
     other = _quality(*args[: -len(TINY) - 1], "trainer.max_epochs=2", cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr
