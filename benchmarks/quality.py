@@ -247,7 +247,12 @@ def write_markdown(path: Path, rows: list[dict], args: argparse.Namespace, cmd: 
         f"Data: `{args.data}`"
         + (f" at `{args.data_root}`" if args.data_root else "")
         + f"; budget `trainer.max_time={args.budget}` per job, one thread per job, "
-        f"{args.jobs} job(s) at a time; seeds {', '.join(map(str, range(args.seeds)))}"
+        + (
+            "tables of the finished jobs only"
+            if args.summary_only
+            else f"{args.jobs} job(s) at a time"
+        )
+        + f"; seeds {', '.join(map(str, range(args.seeds)))}"
         + (f"; extra overrides `{' '.join(args.overrides)}`" if args.overrides else "")
         + ".",
         "",

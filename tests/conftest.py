@@ -12,10 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from anogan_lightning import available_methods
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 MINI = REPO.parent / "shared/data/kermany-mini"
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = available_methods()
 
 # `make test` runs pytest-xdist workers, one per core: each computes on one thread, and so do
 # the subprocesses it starts (the environment), since workers at torch's default of one thread

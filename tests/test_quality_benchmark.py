@@ -78,6 +78,7 @@ def test_tiny_quality_run_rerun_and_a_failed_job(tmp_path: Path):
     assert summary.returncode == 1 and ": started" not in summary.stdout
     assert "| autoencoder | 2/3 |" in (out / "quality.md").read_text()
     assert "did not run" in (out / "quality.md").read_text()
+    assert "tables of the finished jobs only" in (out / "quality.md").read_text()
     # other settings in the same folder are refused
     other = _quality(*args[: -len(TINY) - 1], "trainer.max_epochs=2", cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr
