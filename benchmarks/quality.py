@@ -21,6 +21,11 @@ stages), 3 seeds, reference method ``autoencoder``. Extra overrides are appended
 and replace a default with the same key; a ``method.<key>=...`` override reaches only the
 methods whose config has that key.
 
+GAN_R (issue 11, item 5): when both ``anogan`` and ``ganr`` are benchmarked, the ``ganr`` job
+of seed k maps the networks of the ``anogan`` job of seed k (``method.from_checkpoint``, the
+paper's same-GAN comparison: it waits for that job and trains nothing); ``--ganr-alone`` trains
+GAN_R's own GAN under the budget instead.
+
 The difference to the reference: for each method, the mean over seeds of
 AUROC(method, seed k) - AUROC(reference, seed k), both runs of a pair scored on the same test
 images (``scores.csv`` rows matched by id), with a 95% CI from a bootstrap that resamples the
@@ -94,13 +99,31 @@ def job_overrides(args: argparse.Namespace, method: str, seed: int) -> list[str]
     return [f"+method={method}", f"seed={seed}", *kept]
 
 
-def run_job(job: dict, sweep: Path, log) -> dict:
-    """One job: skipped when finished, else ``python -m anogan_lightning.train -m ...``."""
+def run_job(job: dict, sweep: Path, log, done: dict[str, threading.Event] | None = None) -> dict:
+    """One job: skipped when finished, else ``python -m anogan_lightning.train -m ...``; a job
+    with ``after`` (GAN_R on AnoGAN's networks) waits for that job and fails without its
+    checkpoint. ``done[name]`` is set when the job ``name`` has ended, however it ended."""
+    try:
+        return _run_job(job, sweep, log, done or {})
+    finally:
+        if done and job["name"] in done:
+            done[job["name"]].set()
+
+
+def _run_job(job: dict, sweep: Path, log, done: dict[str, threading.Event]) -> dict:
     out = sweep / job["name"]
     tag = f"[{job['index']}/{job['total']}] {job['method']} seed {job['seed']}"
-    done = artefacts.read_finished(out)
-    if done is not None:
-        log(f"{tag}: already finished, skipped ({_outcome(done)})")
+    if job.get("after") in done:
+        done[job["after"]].wait()
+    if job.get("checkpoint") and not Path(job["checkpoint"]).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        reason = f"{job['after']} did not finish: no AnoGAN checkpoint {job['checkpoint']} to map"
+        (out / "error.txt").write_text(reason + "\n")
+        log(f"{tag}: FAILED: {reason}")
+        return job | {"returncode": None}
+    done_results = artefacts.read_finished(out)
+    if done_results is not None:
+        log(f"{tag}: already finished, skipped ({_outcome(done_results)})")
         return job | {"skipped": True}
     env = {
         **os.environ,
@@ -349,6 +372,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output folder")
     ap.add_argument("--reference", default="autoencoder", help="method to compare against")
     ap.add_argument(
+        "--ganr-alone",
+        action="store_true",
+        help="train GAN_R's own GAN instead of mapping the same seed's AnoGAN networks",
+    )
+    ap.add_argument(
         "--summary-only",
         action="store_true",
         help="write the tables from the jobs that have finished; start no job",
@@ -365,6 +393,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
     args.method_list = methods
+    keys = {m: method_keys(m) for m in methods}
+    for o in args.overrides:  # a method.<key> override is applied only where the key exists
+        k = _key(o)
+        if k.startswith("method."):
+            name = k.split(".", 1)[1].split(".")[0]
+            if not any(name in mk for mk in keys.values()):
+                ap.error(
+                    f"override {o!r}: no benchmarked method has the key {name!r} in its "
+                    f"config ({', '.join(methods)}), so no job would get it"
+                )
     return args
 
 
@@ -375,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.mkdir(parents=True, exist_ok=True)
     # what the jobs' results depend on; more methods or seeds may be added to a folder later
     settings = {k: getattr(args, k) for k in ("data", "data_root", "budget", "overrides")}
+    if args.ganr_alone:  # absent otherwise: folders from before the option stay valid
+        settings["ganr_alone"] = True
     stored = out / "quality.json"
     if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(settings)):
         print(
@@ -386,16 +426,24 @@ def main(argv: list[str] | None = None) -> int:
     stored.write_text(json.dumps(settings, indent=2) + "\n")
 
     jobs = []  # seed-major: a run cut short has every method at its first seeds
+    methods = list(args.method_list)
+    paired = "anogan" in methods and "ganr" in methods and not args.ganr_alone
+    if paired:  # GAN_R maps the AnoGAN run's networks: AnoGAN first within each seed
+        methods.remove("ganr")
+        methods.insert(methods.index("anogan") + 1, "ganr")
     for seed in range(args.seeds):
-        for method in args.method_list:
-            jobs.append(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "name": f"{method}_seed{seed}",
-                    "overrides": job_overrides(args, method, seed),
-                }
-            )
+        for method in methods:
+            job = {
+                "method": method,
+                "seed": seed,
+                "name": f"{method}_seed{seed}",
+                "overrides": job_overrides(args, method, seed),
+            }
+            if paired and method == "ganr":  # the paper's comparison: same GAN, other score
+                job["after"] = f"anogan_seed{seed}"
+                job["checkpoint"] = str(sweep / job["after"] / "checkpoints" / "model.ckpt")
+                job["overrides"].append(f"method.from_checkpoint={job['checkpoint']}")
+            jobs.append(job)
     for i, job in enumerate(jobs, 1):
         job["index"], job["total"] = i, len(jobs)
     lock = threading.Lock()
@@ -406,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"{len(jobs)} jobs ({len(args.method_list)} methods x {args.seeds} seeds) in {sweep}")
     if not args.summary_only:
+        done = {j["name"]: threading.Event() for j in jobs}
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda j: run_job(j, sweep, log), jobs))
+            list(pool.map(lambda j: run_job(j, sweep, log, done), jobs))
 
     rows = summarise(sweep, jobs, args.reference)
     cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

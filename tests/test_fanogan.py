@@ -20,7 +20,7 @@ from anogan_lightning.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from anogan_lightning.methods.fanogan import FAnoGAN
+from anogan_lightning.methods.fanogan import ARCHS, FAnoGAN
 from anogan_lightning.nets.encoder import ResNetEncoder
 from anogan_lightning.nets.wgan import ResNetCritic, ResNetGenerator
 from anogan_lightning.scoring import izif_scores
@@ -123,13 +123,33 @@ def test_paper_size_layout():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in e.modules()) == 8
 
 
-def test_shapes_ranges_and_per_sample_critic():
-    g, c, e = ResNetGenerator(8, 1, 4, 32), ResNetCritic(1, 4, 32), ResNetEncoder(8, 1, 4, 32)
+def test_dcgan_layout_has_no_batch_norm_in_the_critic():
+    """arch="dcgan" at 64x64, d = 16: AnoGAN's generator, critic d-2d-4d-8d with layer norm
+    (never batch norm: the penalty is per sample), f(x) = 8d·4·4; encoder with batch norm."""
+    g, c, e = (cls(*args) for cls, args in zip(ARCHS["dcgan"], _args(128, 16, 64), strict=True))
+    assert g.project.in_features == 128
+    assert [b[0].out_channels for b in c.blocks] == [16, 32, 64, 128]
+    assert c.out_features == 128 * 16 == c.head.in_features and c.head.bias is None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in c.modules())
+    assert sum(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in c.modules()) == 3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in e.modules()) == 3
+    assert c.first_block(torch.zeros(2, 1, 64, 64)).shape == (2, 16, 32, 32)
+
+
+def _args(latent: int, width: int, size: int) -> tuple[tuple, tuple, tuple]:
+    """Constructor arguments of (generator, critic, encoder) in ``ARCHS``."""
+    return (latent, 1, width, size), (1, width, size), (latent, 1, width, size)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_shapes_ranges_and_per_sample_critic(arch):
+    g, c, e = (cls(*a) for cls, a in zip(ARCHS[arch], _args(8, 4, 32), strict=True))
     z = torch.rand(3, 8) * 2 - 1
     x = g(z)
     assert x.shape == (3, 1, 32, 32) and x.abs().max() <= 1
     value, f = c.forward_with_features(x)
-    assert value.shape == (3,) and f.shape == (3, 8 * 4 * 16)  # 8d channels at 4x4
+    assert value.shape == (3,) and f.shape == (3, c.head.in_features)  # 4x4 positions
+    assert f.shape[1] == (8 * 4 * 16 if arch == "resnet" else 4 * 4 * 16)  # 8d or 4d channels
     code = e(x)
     assert code.shape == (3, 8) and code.abs().max() < 1
     # layer norm keeps samples independent (the gradient penalty is per sample)
@@ -138,8 +158,9 @@ def test_shapes_ranges_and_per_sample_critic():
     torch.testing.assert_close(c(other)[0], value[0])
 
 
-def test_every_parameter_gets_a_gradient():
-    g, c, e = ResNetGenerator(8, 1, 4, 16), ResNetCritic(1, 4, 16), ResNetEncoder(8, 1, 4, 16)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_parameter_gets_a_gradient(arch):
+    g, c, e = (cls(*a) for cls, a in zip(ARCHS[arch], _args(8, 4, 16), strict=True))
     value, f = c.forward_with_features(g(e(torch.randn(4, 1, 16, 16))))
     (value.sum() + f.sum()).backward()
     for name, p in [*g.named_parameters(), *c.named_parameters(), *e.named_parameters()]:

@@ -82,3 +82,55 @@ def test_tiny_quality_run_rerun_and_a_failed_job(tmp_path: Path):
     # other settings in the same folder are refused
     other = _quality(*args[: -len(TINY) - 1], "trainer.max_epochs=2", cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr
+
+
+@pytest.mark.slow
+def test_ganr_maps_the_same_seeds_anogan_networks(tmp_path: Path):
+    """With anogan and ganr both benchmarked, the ganr job waits for the anogan job of its seed
+    and maps that run's checkpoint (the paper's same-GAN comparison), training nothing."""
+    out = tmp_path / "q"
+    args = ["--methods", "ganr,anogan", "--seeds", "1", "--jobs", "2", "--out", str(out)]
+    args += [*TINY, "method.mapping_steps=3", "method.mapping_restarts=1", "method.progress=false"]
+    proc = _quality(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if ": started" in line]
+    finished_anogan = next(i for i, line in enumerate(lines) if "anogan seed 0: finished" in line)
+    assert "anogan seed 0" in lines[started[0]] and started[1] > finished_anogan
+    ckpt = out / "sweep/anogan_seed0/checkpoints/model.ckpt"
+    job_log = (out / "sweep/ganr_seed0/quality_job.log").read_text().splitlines()[0]
+    assert f"method.from_checkpoint={ckpt}" in job_log
+    results = json.loads((out / "sweep/ganr_seed0/results.json").read_text())
+    assert not results.get("train/steps")  # no training of its own
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks/quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    return quality
+
+
+def test_a_method_override_no_benchmarked_method_has_is_an_error(capsys):
+    """A ``method.<key>`` override reaches only the methods whose config has the key; one that
+    reaches none of them would be dropped silently, so it is refused, naming the key."""
+    quality = _module()
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--methods", "autoencoder,fanogan", "method.no_such_key=1"])
+    assert "'no_such_key'" in capsys.readouterr().err
+    args = quality.parse_args(["--methods", "autoencoder,fanogan", "method.arch=dcgan"])
+    assert "method.arch=dcgan" in quality.job_overrides(args, "fanogan", 0)
+    assert "method.arch=dcgan" not in quality.job_overrides(args, "autoencoder", 0)
+
+
+def test_ganr_without_its_anogan_checkpoint_fails_with_the_reason(tmp_path: Path):
+    quality = _module()
+    job = {"method": "ganr", "seed": 0, "name": "ganr_seed0", "index": 2, "total": 2}
+    job |= {"after": "anogan_seed0", "overrides": []}
+    job["checkpoint"] = str(tmp_path / "anogan_seed0/checkpoints/model.ckpt")
+    messages: list[str] = []
+    quality.run_job(job, tmp_path, messages.append)
+    assert "FAILED" in messages[0] and "no AnoGAN checkpoint" in messages[0]
+    assert "anogan_seed0 did not finish" in (tmp_path / "ganr_seed0/error.txt").read_text()

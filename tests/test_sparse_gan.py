@@ -273,6 +273,7 @@ MODES = [
     {"sparsity_mode": "scaled", "lambda_lat": 0.0},
     {"sparsity_mode": "split", "lambda_lat": 0.0},
     {"sparsity_mode": "scaled", "decode_from": "code", "lambda_lat": 0.0},
+    {"sparsity_mode": "split", "decode_from": "code", "lambda_lat": 0.0},
 ]
 
 
@@ -331,10 +332,32 @@ def test_split_mode_trains_the_srn_on_its_own_objective():
         else:
             torch.testing.assert_close(g, r)
     assert grads[0].abs().sum() > 0  # G_en is still pulled towards its sparse approximation
-    with pytest.raises(ValueError, match="split"):
-        SparseGAN(width=4, image_size=16, sparsity_mode="split", decode_from="code")
     with pytest.raises(ValueError, match="sparsity_mode"):
         SparseGAN(width=4, image_size=16, sparsity_mode="l1")
+
+
+def test_split_with_code_decoding_leaves_h_unconstrained():
+    """ "split" + decode_from="code": L_sp gives G_en no gradient (only the SRN's L_scl at
+    sg(H / rms)), and the decoder reads W_d S(H / rms) of the live H, so the reconstruction's
+    gradient reaches G_en through the code."""
+    torch.manual_seed(0)
+    model = SparseGAN(width=4, image_size=16, sparsity_mode="split", decode_from="code")
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    x_hat, h_in, code = model.generate(x)
+    loss, logs = model.extra_generator_loss(h_in, code)
+    enc = list(model.generator.encoder.parameters())
+    assert all(
+        g is None for g in torch.autograd.grad(loss, enc, allow_unused=True, retain_graph=True)
+    )
+    hn = scale_normalise(h_in.detach())
+    torch.testing.assert_close(
+        loss, model.hparams.lambda_sp * model.srn.objective(hn, model.srn(hn)).mean()
+    )
+    torch.testing.assert_close(
+        x_hat, model.generator.decoder(model.srn.reconstruct(model.srn(scale_normalise(h_in))))
+    )
+    grads = torch.autograd.grad(x_hat.sum(), enc, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_encode_fake_leaves_running_statistics_alone():

@@ -33,7 +33,11 @@ Readings of L_sp (``sparsity_mode``; the paper gives eq. 6-7 but not what the sc
 - ``"split"``: the SRN and W_d are trained on their own objective L_scl at sg(H_in / rms) (eq. 6:
   the SRN learns to solve the coding problem, nothing of it reaches G_en), and G_en receives
   only the scale-free pull 1/2 ||H_in / rms - sg(W_d s)||^2 / (C h w) towards its sparse
-  approximation. Not with ``decode_from="code"`` (the decoder would read a detached code).
+  approximation. With ``decode_from="code"`` there is no pull: the decoder reads W_d S(H_in /
+  rms) of the live H_in (so L_re and L_adv train G_en, the SRN and W_d through the code), L_scl
+  trains the SRN on sg(H_in / rms), and H_in itself is left unconstrained (a sparse bottleneck
+  between an unconstrained encoder and the decoder: what normal atoms cannot code sparsely is
+  not reconstructed, and H_re = E(I_re) then differs from H_in).
 Latent consistency (``lambda_lat``, from ``methods/pix2pix.py``; 0 in the paper): the
 scale-free lambda_lat ||E(G(I_in)) - H_in||^2 / ||H_in||^2, the only term that trains the latent
 score itself (G_en(G(x)) ~ G_en(x) on normals); eq. 3 and 7 have none.
@@ -126,11 +130,6 @@ class SparseGAN(Pix2Pix):
             raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
         if sparsity_mode not in SPARSITY_MODES:
             raise ValueError(f"sparsity_mode={sparsity_mode!r}; expected one of {SPARSITY_MODES}")
-        if sparsity_mode == "split" and decode_from == "code":
-            raise ValueError(
-                'sparsity_mode="split" detaches the SRN from G_en, so the decoder cannot read '
-                'its code: use decode_from="latent" with it'
-            )
         self.save_hyperparameters()
         self.srn = SparsityRegularizationNet(
             self.generator.encoder.out_channels, srn_code_channels, srn_steps, srn_kernel, alpha
@@ -162,8 +161,14 @@ class SparseGAN(Pix2Pix):
             return self.srn.objective(h, code).mean(), code  # L_sp = S(H), eq. 6-7
         # "split": S and W_d learn the coding of sg(H) (L_scl, eq. 6); G_en only moves H towards
         # its sparse approximation sg(W_d s), a scale-free signal (H is normalised)
-        code = self.srn(h.detach())
-        loss_scl = self.srn.objective(h.detach(), code)
+        code_det = self.srn(h.detach())
+        loss_scl = self.srn.objective(h.detach(), code_det)
+        if self.hparams.decode_from == "code":
+            # the decoder reads W_d S(H) of the live H (``generate``): G_en learns only through
+            # that reading (L_re, L_adv), no pull towards the code, so H_in keeps what the
+            # normal atoms cannot code and I_re does not
+            return loss_scl.mean(), code if code is not None else code_det
+        code = code_det
         target = self.srn.reconstruct(code).detach()
         loss_g = 0.5 * (h - target).pow(2).flatten(1).sum(1) / h[0].numel()
         return (loss_scl + loss_g).mean(), code

@@ -23,14 +23,18 @@ from torch import Tensor, nn
 from anogan_lightning.nets.common import channels_last, init_dcgan_weights, n_halvings, nhwc
 
 
-def down_blocks(channels: int, chans: list[int]) -> list[list[nn.Module]]:
+def down_blocks(channels: int, chans: list[int], norm: str = "batch") -> list[list[nn.Module]]:
     """The DCGAN discriminator's strided 5x5 convolutions ``channels`` -> chans[0] -> ..., each
-    followed by batch norm (but the first, as in DCGAN) and LeakyReLU 0.2; layers per block."""
+    followed by a norm (but the first, as in DCGAN) and LeakyReLU 0.2; layers per block.
+    ``norm``: ``"batch"`` (DCGAN) or ``"layer"`` (layer norm over (C, H, W) with per-channel
+    affine, ``GroupNorm(1, C)``: for a WGAN-GP critic, whose penalty is per sample)."""
+    if norm not in ("batch", "layer"):
+        raise ValueError(f"norm must be 'batch' or 'layer', got {norm!r}")
     blocks = []
     for i, (c_in, c_out) in enumerate(zip([channels] + chans[:-1], chans, strict=True)):
         block = [nn.Conv2d(c_in, c_out, 5, 2, padding=2)]
         if i > 0:
-            block.append(nn.BatchNorm2d(c_out))
+            block.append(nn.BatchNorm2d(c_out) if norm == "batch" else nn.GroupNorm(1, c_out))
         block.append(nn.LeakyReLU(0.2, inplace=True))
         blocks.append(block)
     return blocks

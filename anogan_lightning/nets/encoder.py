@@ -5,12 +5,17 @@ down-residual blocks as the WGAN-GP critic, but with batch norm (the reference n
 non-critic network with batch norm), then Linear (8d*4*4 -> latent_dim) and tanh, so E(x) lies
 in (-1, 1)^latent_dim, the support of the uniform prior the generator was trained on
 (f-AnoGAN's izi_f encoder).
+
+:class:`DCGANEncoder` is the encoder of f-AnoGAN's ``arch="dcgan"``: the DCGAN critic's
+convolutions with batch norm, then the same Linear and tanh.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from anogan_lightning.nets.common import n_halvings
+from anogan_lightning.nets.dcgan import down_blocks
 from anogan_lightning.nets.wgan import ResNetDownPath
 
 
@@ -26,3 +31,18 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x)).tanh()
+
+
+class DCGANEncoder(nn.Module):
+    """x (B, channels, S, S) in [-1, 1] -> z (B, latent_dim) in (-1, 1); DCGAN down-path."""
+
+    def __init__(
+        self, latent_dim: int = 128, channels: int = 1, width: int = 64, image_size: int = 64
+    ) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(n_halvings(image_size))]
+        self.body = nn.Sequential(*[m for b in down_blocks(channels, chans) for m in b])
+        self.head = nn.Linear(chans[-1] * 16, latent_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x).flatten(1)).tanh()

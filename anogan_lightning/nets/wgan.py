@@ -17,6 +17,13 @@ copies is exactly that), ``down``: 2x2 mean pool after the second conv; the shor
 conv (after the upsample / before the pool) when the shape changes. The number of resampling
 blocks follows the image size, log2(image_size / 4), so tests can run at 16x16.
 
+``arch="dcgan"`` of f-AnoGAN (:class:`DCGANCritic` here, the generator is AnoGAN's
+``nets.dcgan.DCGANGenerator``, the encoder ``nets.encoder.DCGANEncoder``): the DCGAN
+architecture that Gulrajani et al. also train with WGAN-GP (their sec. 5), with layer norm in
+the critic instead of batch norm. It has no full-resolution convolutions (each 5x5 conv
+halves the size), so a critic update costs several times less than the residual pair's at the
+CPU widths and a CPU budget buys many more generator updates (timings in experiments/README.md).
+
 Choices: layer norm over (C, H, W) with a per-channel scale and shift is ``GroupNorm(1, C)``
 (the reference's ``Layernorm([1, 2, 3])`` with per-channel offset/scale); weights keep PyTorch's
 default init (the reference uses He/Glorot uniform; both are variance-preserving).
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anogan_lightning.nets.common import n_halvings
+from anogan_lightning.nets.dcgan import down_blocks
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -146,6 +154,10 @@ class ResNetCritic(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
 
+    def first_block(self, x: Tensor) -> Tensor:
+        """The output of the stem and first block, (B, 2d, S/2, S/2): f-AnoGAN's map features."""
+        return self.body.blocks[0](self.body.stem(x))
+
     def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(critic value (B,), f(x) (B, n_features)) in one pass."""
         f = self.body(x)
@@ -153,3 +165,34 @@ class ResNetCritic(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x)).squeeze(1)
+
+
+class DCGANCritic(nn.Module):
+    """x (B, channels, S, S) -> unbounded critic value (B,): the DCGAN discriminator's strided 5x5
+    convolutions (channels d, 2d, 4d, 8d at 64x64) with layer norm instead of batch norm, then a
+    linear head without bias (a constant cancels in the WGAN-GP losses, as in
+    :class:`ResNetCritic`). ``features(x)``: the flattened last block, (B, 8d*4*4) at 64x64."""
+
+    def __init__(self, channels: int = 1, width: int = 64, image_size: int = 64) -> None:
+        super().__init__()
+        chans = [width * 2**i for i in range(n_halvings(image_size))]
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(*b) for b in down_blocks(channels, chans, norm="layer")]
+        )
+        self.out_features = chans[-1] * 16
+        self.head = nn.Linear(self.out_features, 1, bias=False)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.blocks(x).flatten(1)
+
+    def first_block(self, x: Tensor) -> Tensor:
+        """The first block's output, (B, d, S/2, S/2): f-AnoGAN's map features."""
+        return self.blocks[0](x)
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(critic value (B,), f(x) (B, n_features)) in one pass."""
+        f = self.features(x)
+        return self.head(f).squeeze(1), f
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x)).squeeze(1)
