@@ -56,7 +56,6 @@ from anogan_lightning.scoring import (
     mean_sq,
 )
 
-SCORE_SPACES = ("image", "latent")
 ADV_LOSSES = ("bce", "feature")
 
 
@@ -83,8 +82,8 @@ class Pix2Pix(AnomalyModule):
         super().__init__()
         if map not in (*ANOMALY_MAPS, "aam"):
             raise ValueError(f"map={map!r}; expected one of {(*ANOMALY_MAPS, 'aam')}")
-        if score_space not in SCORE_SPACES:
-            raise ValueError(f"score_space={score_space!r}; expected one of {SCORE_SPACES}")
+        if score_space not in self.components:
+            raise ValueError(f"score_space={score_space!r}; expected one of {self.components}")
         if adv_loss not in ADV_LOSSES:
             raise ValueError(f"adv_loss={adv_loss!r}; expected one of {ADV_LOSSES}")
         self.save_hyperparameters()

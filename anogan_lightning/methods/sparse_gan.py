@@ -13,9 +13,11 @@ E(G(I_in)), E = G_en (one parameter set). Decision (eq. 5): C(I) = 1 if A(I) >= 
 the validation set (the base class stores the validation Youden cut-off and reports accuracy and
 sensitivity on test at it). Pixel anomaly map: the Anomaly Activation Map (sec. 2.4, eq. 8):
 w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c], upsampled to the image.
-Components: ``image`` (#1's score) and ``latent`` (= ``score``). The SRN does not run at test
-time: the paper's score does not use it (experiments/README.md has what the query's own L_sp
-gave as a score, and what it costs).
+Components: ``image`` (#1's score), ``latent`` (the paper's score) and ``code``, not in the
+paper: ||s(H_in) - s(H_re)||^2, the distance of the SRN's sparse codes of the two latents (in
+the normalised space of ``"scaled"`` / ``"split"``), the only score that reads the SRN at test
+time (``score_space`` picks the headline among the three; experiments/README.md has what each
+gave).
 
 Readings of L_sp (``sparsity_mode``; the paper gives eq. 6-7 but not what the scale of H_in is):
 - ``"paper"`` (paper-literal): L_sp = S(H_in) on the raw latent, back-propagating into G_en, the
@@ -75,6 +77,7 @@ from torch import Tensor, nn
 
 from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.nets.srn import SparsityRegularizationNet
+from anogan_lightning.scoring import mean_sq
 
 DECODE_FROM = ("latent", "code")  # what G_de reads: H_in, or its sparse approximation W_d s
 # what L_sp acts on and what it trains (module docstring): "paper" S(H_in) on the raw latent;
@@ -91,7 +94,7 @@ def scale_normalise(h: Tensor, eps: float = 1e-10) -> Tensor:
 class SparseGAN(Pix2Pix):
     """pix2pix #2 + Sparsity Regularization Net; latent score, AAM anomaly map."""
 
-    components = ("image", "latent")
+    components = ("image", "latent", "code")
 
     def __init__(
         self,
@@ -172,6 +175,15 @@ class SparseGAN(Pix2Pix):
         target = self.srn.reconstruct(code).detach()
         loss_g = 0.5 * (h - target).pow(2).flatten(1).sum(1) / h[0].numel()
         return (loss_scl + loss_g).mean(), code
+
+    def forward_scores(self, x: Tensor) -> dict[str, Tensor]:
+        """#2's scores, and ``code``: ||s(H_in) - s(H_re)||^2 / K h w, the distance of the SRN's
+        sparse codes of the (for ``"scaled"`` / ``"split"``: normalised) latents."""
+        f = super().forward_scores(x)
+        s_in = self.srn(self.sparse_input(f["h_in"]))
+        s_re = self.srn(self.sparse_input(f["h_re"]))
+        f["code"] = mean_sq(s_in, s_re)
+        return f
 
     def extra_generator_loss(
         self, h_in: Tensor, aux: Tensor | None = None
