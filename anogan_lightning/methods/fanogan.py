@@ -37,11 +37,11 @@ latent distance the paper also evaluates (computed as the reference code's
 Networks (``arch``): ``"resnet"``, the paper's (the reference code's residual WGAN-GP pair,
 ``nets/wgan.py``, and the encoder on the critic's down-path), or ``"dcgan"``: AnoGAN's DCGAN
 generator, a DCGAN critic with layer norm and a DCGAN encoder with batch norm, trained with the
-same WGAN-GP and izi_f losses. The paper's networks cost about five times more per critic update
-on a CPU, so in a CPU budget the generator gets a few hundred updates and never reconstructs a
-retina (its residual then tracks how much dark background a scan has, an inverted score on
-Kermany); the method config uses ``"dcgan"`` for that reason, the experiment config the paper's
-``"resnet"`` (measurements in experiments/README.md).
+same WGAN-GP and izi_f losses. The paper's networks cost several times more per critic update
+on a CPU, so in a CPU budget the generator gets a few hundred updates and emits the same blob for
+every input: G(E(x)) reconstructs nothing, and the score measures the distance to that blob
+(which on Kermany ranks normals above CNV). The method config uses ``"dcgan"`` for that reason,
+the experiment config the paper's ``"resnet"`` (measurements in experiments/README.md).
 
 Choices the papers leave open:
 - Prior z ~ U(-1, 1)^128 (``prior="uniform"``): E ends in tanh, so only a bounded prior can be
