@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -72,9 +73,15 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def method_keys(method: str) -> set[str]:
+def _method_key(key: str) -> str | None:
+    """The method config key an override key sets (``method.width`` -> ``width``), else None."""
+    return key.split(".", 1)[1].split(".")[0] if key.startswith("method.") else None
+
+
+@functools.cache
+def method_keys(method: str) -> frozenset[str]:
     cfg = OmegaConf.load(REPO / "conf/method" / f"{method}.yaml")
-    return set(cfg.get("method", {}))
+    return frozenset(cfg.get("method", {}))
 
 
 def job_overrides(args: argparse.Namespace, method: str, seed: int) -> list[str]:
@@ -91,11 +98,7 @@ def job_overrides(args: argparse.Namespace, method: str, seed: int) -> list[str]
     for o in args.overrides:
         settings[_key(o)] = o
     keys = method_keys(method)
-    kept = [
-        o
-        for k, o in settings.items()
-        if not k.startswith("method.") or k.split(".", 1)[1].split(".")[0] in keys
-    ]
+    kept = [o for k, o in settings.items() if _method_key(k) in (None, *keys)]
     return [f"+method={method}", f"seed={seed}", *kept]
 
 
@@ -393,16 +396,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
     args.method_list = methods
-    keys = {m: method_keys(m) for m in methods}
     for o in args.overrides:  # a method.<key> override is applied only where the key exists
-        k = _key(o)
-        if k.startswith("method."):
-            name = k.split(".", 1)[1].split(".")[0]
-            if not any(name in mk for mk in keys.values()):
-                ap.error(
-                    f"override {o!r}: no benchmarked method has the key {name!r} in its "
-                    f"config ({', '.join(methods)}), so no job would get it"
-                )
+        name = _method_key(_key(o))
+        if name is not None and not any(name in method_keys(m) for m in methods):
+            ap.error(
+                f"override {o!r}: no benchmarked method has the key {name!r} in its "
+                f"config ({', '.join(methods)}), so no job would get it"
+            )
     return args
 
 

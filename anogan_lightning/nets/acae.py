@@ -18,22 +18,30 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from anogan_lightning.nets.common import init_dcgan_weights, n_halvings
-from anogan_lightning.nets.dcgan import DCGANGenerator, down_blocks
+from anogan_lightning.nets.common import init_dcgan_weights
+from anogan_lightning.nets.dcgan import DCGANGenerator, down_blocks, down_channels
 
 
 class ConvEncoder(nn.Module):
-    """x (B, channels, S, S) -> code (B, latent_dim); DCGAN-discriminator layout."""
+    """x (B, channels, S, S) -> code (B, latent_dim); DCGAN-discriminator layout.
+
+    ``dcgan_init``: DCGAN's N(0, 0.02) weights (aCAE), else PyTorch's default initialisation
+    (f-AnoGAN's ``nets.encoder.DCGANEncoder``, as its residual encoder)."""
 
     def __init__(
-        self, latent_dim: int = 100, channels: int = 1, width: int = 64, image_size: int = 64
+        self,
+        latent_dim: int = 100,
+        channels: int = 1,
+        width: int = 64,
+        image_size: int = 64,
+        dcgan_init: bool = True,
     ) -> None:
         super().__init__()
-        n = n_halvings(image_size)
-        chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
+        chans = down_channels(width, image_size)  # 64x64: 64, 128, 256, 512
         self.net = nn.Sequential(*[m for b in down_blocks(channels, chans) for m in b])
         self.head = nn.Linear(chans[-1] * 16, latent_dim)  # (C, 4, 4) -> code
-        init_dcgan_weights(self)
+        if dcgan_init:
+            init_dcgan_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.net(x).flatten(1))

@@ -23,6 +23,12 @@ from torch import Tensor, nn
 from anogan_lightning.nets.common import channels_last, init_dcgan_weights, n_halvings, nhwc
 
 
+def down_channels(width: int, image_size: int) -> list[int]:
+    """Channels of the DCGAN discriminator's strided convolutions: 64, 128, 256, 512 at 64x64,
+    ``width=64`` (also the aCAE encoder's and the f-AnoGAN DCGAN critic's)."""
+    return [width * 2**i for i in range(n_halvings(image_size))]
+
+
 def down_blocks(channels: int, chans: list[int], norm: str = "batch") -> list[list[nn.Module]]:
     """The DCGAN discriminator's strided 5x5 convolutions ``channels`` -> chans[0] -> ..., each
     followed by a norm (but the first, as in DCGAN) and LeakyReLU 0.2; layers per block.
@@ -80,7 +86,7 @@ class DCGANDiscriminator(nn.Module):
     ) -> None:
         super().__init__()
         n = n_halvings(image_size)
-        chans = [width * 2**i for i in range(n)]  # 64x64: 64, 128, 256, 512
+        chans = down_channels(width, image_size)
         self.blocks = nn.ModuleList(nn.Sequential(*b) for b in down_blocks(channels, chans))
         if not -n <= feature_layer < n:
             raise ValueError(f"feature_layer {feature_layer} out of range for {n} blocks")

@@ -6,16 +6,15 @@ non-critic network with batch norm), then Linear (8d*4*4 -> latent_dim) and tanh
 in (-1, 1)^latent_dim, the support of the uniform prior the generator was trained on
 (f-AnoGAN's izi_f encoder).
 
-:class:`DCGANEncoder` is the encoder of f-AnoGAN's ``arch="dcgan"``: the DCGAN critic's
-convolutions with batch norm, then the same Linear and tanh.
+:class:`DCGANEncoder` is the encoder of f-AnoGAN's ``arch="dcgan"``: aCAE's encoder (the DCGAN
+discriminator's convolutions with batch norm, then Linear) and the same tanh.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from anogan_lightning.nets.common import n_halvings
-from anogan_lightning.nets.dcgan import down_blocks
+from anogan_lightning.nets.acae import ConvEncoder
 from anogan_lightning.nets.wgan import ResNetDownPath
 
 
@@ -33,16 +32,14 @@ class ResNetEncoder(nn.Module):
         return self.head(self.body(x)).tanh()
 
 
-class DCGANEncoder(nn.Module):
-    """x (B, channels, S, S) in [-1, 1] -> z (B, latent_dim) in (-1, 1); DCGAN down-path."""
+class DCGANEncoder(ConvEncoder):
+    """x (B, channels, S, S) in [-1, 1] -> z (B, latent_dim) in (-1, 1): aCAE's DCGAN encoder
+    (PyTorch's default initialisation) ending in tanh."""
 
     def __init__(
         self, latent_dim: int = 128, channels: int = 1, width: int = 64, image_size: int = 64
     ) -> None:
-        super().__init__()
-        chans = [width * 2**i for i in range(n_halvings(image_size))]
-        self.body = nn.Sequential(*[m for b in down_blocks(channels, chans) for m in b])
-        self.head = nn.Linear(chans[-1] * 16, latent_dim)
+        super().__init__(latent_dim, channels, width, image_size, dcgan_init=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x).flatten(1)).tanh()
+        return super().forward(x).tanh()

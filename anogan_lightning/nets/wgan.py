@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anogan_lightning.nets.common import n_halvings
-from anogan_lightning.nets.dcgan import down_blocks
+from anogan_lightning.nets.dcgan import down_blocks, down_channels
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -175,7 +175,7 @@ class DCGANCritic(nn.Module):
 
     def __init__(self, channels: int = 1, width: int = 64, image_size: int = 64) -> None:
         super().__init__()
-        chans = [width * 2**i for i in range(n_halvings(image_size))]
+        chans = down_channels(width, image_size)
         self.blocks = nn.Sequential(
             *[nn.Sequential(*b) for b in down_blocks(channels, chans, norm="layer")]
         )
