@@ -163,6 +163,19 @@ def _outcome(results: dict) -> str:
 
 
 # -- the comparison --------------------------------------------------------------------------
+def with_other_seeds(sweep: Path, jobs: list[dict]) -> list[dict]:
+    """``jobs`` plus the folders ``<method>_seed<k>`` of the same methods that an earlier
+    command left in ``sweep`` for other seeds (``--first-seed``), in seed order per method."""
+    names = {j["name"] for j in jobs}
+    found = list(jobs)
+    for method in dict.fromkeys(j["method"] for j in jobs):
+        for path in sweep.glob(f"{method}_seed*"):
+            seed = path.name[len(method) + len("_seed") :]
+            if seed.isdigit() and path.name not in names and path.is_dir():
+                found.append({"method": method, "seed": int(seed), "name": path.name})
+    return sorted(found, key=lambda j: j["seed"])
+
+
 def _stat(values: list) -> tuple[float, float] | None:
     values = [v for v in values if v is not None]
     return report.mean_std(values) if values else None
@@ -278,7 +291,7 @@ def write_markdown(path: Path, rows: list[dict], args: argparse.Namespace, cmd: 
             if args.summary_only
             else f"{args.jobs} job(s) at a time"
         )
-        + f"; seeds {', '.join(map(str, range(args.seeds)))}"
+        + f"; seeds {', '.join(map(str, sorted({s for r in rows for s in r['seeds']})))}"
         + (f"; extra overrides `{' '.join(args.overrides)}`" if args.overrides else "")
         + ".",
         "",
@@ -371,6 +384,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--budget", default="00:00:12:00", help="trainer.max_time per job")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds K..K+N-1 instead (default 0): add seeds to a benchmark, or split one "
+        "over machines; the tables cover every finished seed in --out",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="jobs at a time, one thread each")
     ap.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output folder")
     ap.add_argument("--reference", default="autoencoder", help="method to compare against")
@@ -395,6 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--data-root {args.data_root} is not a folder")
     if args.seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be >= 1")
+    if args.first_seed < 0:
+        ap.error("--first-seed must be >= 0")
     args.method_list = methods
     for o in args.overrides:  # a method.<key> override is applied only where the key exists
         name = _method_key(_key(o))
@@ -428,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []  # seed-major: a run cut short has every method at its first seeds
     methods = list(args.method_list)
     paired = "anogan" in methods and "ganr" in methods and not args.ganr_alone
-    if paired:  # GAN_R maps the AnoGAN run's networks: AnoGAN first within each seed
+    if paired:  # GAN_R maps the AnoGAN run's networks: last within each seed, so that a
+        # worker picks it up when AnoGAN has most likely finished instead of idling beside it
         methods.remove("ganr")
-        methods.insert(methods.index("anogan") + 1, "ganr")
-    for seed in range(args.seeds):
+        methods.append("ganr")
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in methods:
             job = {
                 "method": method,
@@ -458,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda j: run_job(j, sweep, log, done), jobs))
 
-    rows = summarise(sweep, jobs, args.reference)
+    rows = summarise(sweep, with_other_seeds(sweep, jobs), args.reference)
     cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_markdown(out / "quality.md", rows, args, cmd.strip())
     write_csv(out / "quality.csv", rows)

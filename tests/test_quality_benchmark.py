@@ -79,6 +79,10 @@ def test_tiny_quality_run_rerun_and_a_failed_job(tmp_path: Path):
     assert "| autoencoder | 2/3 |" in (out / "quality.md").read_text()
     assert "did not run" in (out / "quality.md").read_text()
     assert "tables of the finished jobs only" in (out / "quality.md").read_text()
+    # seeds added later (--first-seed): the tables count the earlier seeds in the folder too
+    later = _quality(*args, "--first-seed", "1", "--seeds", "1", "--summary-only", cwd=tmp_path)
+    assert "| autoencoder | 2/2 |" in (out / "quality.md").read_text(), later.stdout[-2000:]
+    assert "seeds 0, 1" in (out / "quality.md").read_text()
     # other settings in the same folder are refused
     other = _quality(*args[: -len(TINY) - 1], "trainer.max_epochs=2", cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr
@@ -123,6 +127,17 @@ def test_a_method_override_no_benchmarked_method_has_is_an_error(capsys):
     args = quality.parse_args(["--methods", "autoencoder,fanogan", "method.arch=dcgan"])
     assert "method.arch=dcgan" in quality.job_overrides(args, "fanogan", 0)
     assert "method.arch=dcgan" not in quality.job_overrides(args, "autoencoder", 0)
+
+
+def test_other_seeds_in_the_folder_join_the_tables(tmp_path: Path):
+    quality = _module()
+    for name in ("autoencoder_seed0", "autoencoder_seed3", "autoencoder_seedx", "acae_seed1"):
+        (tmp_path / name).mkdir()
+    jobs = [{"method": "autoencoder", "seed": 3, "name": "autoencoder_seed3"}]
+    found = quality.with_other_seeds(tmp_path, jobs)
+    assert [(j["method"], j["seed"]) for j in found] == [("autoencoder", 0), ("autoencoder", 3)]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--first-seed", "-1"])
 
 
 def test_ganr_without_its_anogan_checkpoint_fails_with_the_reason(tmp_path: Path):
