@@ -11,7 +11,9 @@ a job whose folder already holds a finished ``results.json`` is skipped (the ent
 ``skip_finished`` test), so a rerun resumes where the last one stopped; a failed job leaves
 ``error.txt`` in its folder and is listed with that reason, the others go on;
 ``--summary-only`` writes the tables from the jobs finished so far and starts none (a run cut
-short, or seeds still running elsewhere). The tables come
+short, or seeds still running elsewhere). ``--first-seed K`` runs seeds K..K+N-1 instead of
+0..N-1; the tables count every ``<m>_seed<k>`` folder of the benchmarked methods in the sweep
+folder, so seeds added later (or run on another machine and copied in) join them. The tables come
 from :mod:`anogan_lightning.report` (run records, seed aggregation, paired differences).
 
 Defaults (the issue 11 protocol): ``data=kermany data.root=../shared/data/kermany-mini
