@@ -165,17 +165,25 @@ def _outcome(results: dict) -> str:
 
 
 # -- the comparison --------------------------------------------------------------------------
+def job_name(method: str, seed: int) -> str:
+    """A job's folder in the sweep: ``<method>_seed<k>``."""
+    return f"{method}_seed{seed}"
+
+
 def with_other_seeds(sweep: Path, jobs: list[dict]) -> list[dict]:
     """``jobs`` plus the folders ``<method>_seed<k>`` of the same methods that an earlier
-    command left in ``sweep`` for other seeds (``--first-seed``), in seed order per method."""
+    command left in ``sweep`` for other seeds (``--first-seed``); methods in the order of
+    ``jobs``, seeds in increasing order within each."""
     names = {j["name"] for j in jobs}
+    methods = list(dict.fromkeys(j["method"] for j in jobs))
     found = list(jobs)
-    for method in dict.fromkeys(j["method"] for j in jobs):
-        for path in sweep.glob(f"{method}_seed*"):
-            seed = path.name[len(method) + len("_seed") :]
+    for method in methods:
+        prefix = job_name(method, "")
+        for path in sweep.glob(f"{prefix}*"):
+            seed = path.name[len(prefix) :]
             if seed.isdigit() and path.name not in names and path.is_dir():
                 found.append({"method": method, "seed": int(seed), "name": path.name})
-    return sorted(found, key=lambda j: j["seed"])
+    return sorted(found, key=lambda j: (methods.index(j["method"]), j["seed"]))
 
 
 def _stat(values: list) -> tuple[float, float] | None:
@@ -461,11 +469,11 @@ def main(argv: list[str] | None = None) -> int:
             job = {
                 "method": method,
                 "seed": seed,
-                "name": f"{method}_seed{seed}",
+                "name": job_name(method, seed),
                 "overrides": job_overrides(args, method, seed),
             }
             if paired and method == "ganr":  # the paper's comparison: same GAN, other score
-                job["after"] = f"anogan_seed{seed}"
+                job["after"] = job_name("anogan", seed)
                 job["checkpoint"] = str(sweep / job["after"] / "checkpoints" / "model.ckpt")
                 job["overrides"].append(f"method.from_checkpoint={job['checkpoint']}")
             jobs.append(job)

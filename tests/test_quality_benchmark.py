@@ -133,9 +133,18 @@ def test_other_seeds_in_the_folder_join_the_tables(tmp_path: Path):
     quality = _module()
     for name in ("autoencoder_seed0", "autoencoder_seed3", "autoencoder_seedx", "acae_seed1"):
         (tmp_path / name).mkdir()
-    jobs = [{"method": "autoencoder", "seed": 3, "name": "autoencoder_seed3"}]
+    jobs = [
+        {"method": "autoencoder", "seed": 3, "name": "autoencoder_seed3"},
+        {"method": "acae", "seed": 3, "name": "acae_seed3"},
+    ]
     found = quality.with_other_seeds(tmp_path, jobs)
-    assert [(j["method"], j["seed"]) for j in found] == [("autoencoder", 0), ("autoencoder", 3)]
+    # the methods keep the order of the jobs, an earlier seed does not move its method first
+    assert [(j["method"], j["seed"]) for j in found] == [
+        ("autoencoder", 0),
+        ("autoencoder", 3),
+        ("acae", 1),
+        ("acae", 3),
+    ]
     with pytest.raises(SystemExit):
         quality.parse_args(["--first-seed", "-1"])
 
