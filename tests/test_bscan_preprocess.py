@@ -15,12 +15,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 SPECTRALIS = SHARED / "spectralis-volume"
 
 
-def phantom(h: int = 496, w: int = 768, seed: int = 0, tilt: float = 40.0, top: float = 180.0):
+def phantom(
+    h: int = 496,
+    w: int = 768,
+    seed: int = 0,
+    tilt: float = 40.0,
+    top: float = 180.0,
+    bump: float = 0.0,
+):
     """uint8 B-scan: dark vitreous, a retina from ILM to a bright RPE ending at BM, a dimmer
-    choroid; returns (image, ilm, bm) with the true rows per column."""
+    choroid; ``bump`` rows of RPE elevation (a detachment) around u = 0.4; returns (image,
+    ilm, bm) with the true rows per column."""
     rng = np.random.default_rng(seed)
     u = np.linspace(-1, 1, w)
-    bm = top + 120 + tilt * u + 30 * u**2
+    bm = top + 120 + tilt * u + 30 * u**2 - bump * np.exp(-(((u - 0.4) / 0.08) ** 2))
     ilm = bm - 110 + 45 * np.exp(-((u / 0.15) ** 2))  # a foveal pit
     r = np.arange(h)[:, None]
     img = np.full((h, w), 20.0)
@@ -68,6 +76,28 @@ def test_normalize_bscan_switches():
     assert raw.band.min() > -1 and raw.band.max() < 1  # no stretch: uint8 to [-1, 1] only
     with pytest.raises(ValueError, match="band="):
         pp.RetinaNorm(band="middle")
+
+
+def test_smooth_flattening_keeps_local_bm_deformations():
+    # tilt and curvature go (a polynomial through BM), an RPE elevation over a fraction of the
+    # width stays; flattening on BM itself straightens the elevation away
+    img, _, bm_true = phantom(tilt=60, bump=30)
+    ref = pp.smooth_reference(bm_true, 2)
+    base = 180 + 120 + 60 * np.linspace(-1, 1, 768) + 30 * np.linspace(-1, 1, 768) ** 2
+    assert np.abs(ref - base).max() < 1.5  # the robust fit ignores the elevation
+    smooth = pp.normalize_bscan(img, pp.RetinaNorm(flatten="smooth", x_scale=1.0))
+    exact = pp.normalize_bscan(img, pp.RetinaNorm(flatten=True, x_scale=1.0))
+    scale = 64 / smooth.rows  # band rows per input row
+    peak = int(np.argmin(smooth.bm))
+    assert abs(peak / 767 * 2 - 1 - 0.4) < 0.05
+    lift = np.median(smooth.bm) - smooth.bm.min()
+    assert abs(lift - 30 * scale) < 3  # the elevation in band rows
+    away = np.abs(np.linspace(-1, 1, 768) - 0.4) > 0.3
+    assert np.ptp(smooth.bm[away]) < 2.5  # but no tilt or curvature
+    assert np.ptp(exact.bm) < 1.0
+    with pytest.raises(ValueError, match="flatten"):
+        pp.RetinaNorm(flatten="poly")
+    assert pp.flatten_mode(True) == "bm" and pp.flatten_mode(False) == "none"
 
 
 def test_failures_name_the_file():

@@ -400,6 +400,38 @@ def flatten_bscan(
 # ------------------------------------------------------------------------------ retina-normalised B-scans
 
 
+FLATTEN_MODES = ("bm", "smooth", "none")
+
+
+def flatten_mode(flatten: bool | str) -> str:
+    """``True`` -> ``"bm"``, ``False`` -> ``"none"``; a name is checked against FLATTEN_MODES."""
+    if isinstance(flatten, bool):
+        return "bm" if flatten else "none"
+    if flatten not in FLATTEN_MODES:
+        raise ValueError(f"flatten={flatten!r}; expected true, false or one of {FLATTEN_MODES}")
+    return flatten
+
+
+def smooth_reference(bm: np.ndarray, degree: int = 2, valid: np.ndarray | None = None) -> np.ndarray:
+    """A degree-``degree`` polynomial through BM rows (W,), fitted robustly (see RetinaNorm)."""
+    bm = np.asarray(bm, dtype=np.float64)
+    x = np.linspace(-1.0, 1.0, len(bm))
+    keep = np.ones(len(bm), bool) if valid is None else np.asarray(valid, bool).copy()
+    if keep.sum() <= degree + 1:
+        keep[:] = True
+    for _ in range(2):
+        coef = np.polynomial.polynomial.polyfit(x[keep], bm[keep], degree)
+        res = bm - np.polynomial.polynomial.polyval(x, coef)
+        mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep]))) + 1e-6
+        new = np.abs(res) <= 3.0 * mad
+        if valid is not None:
+            new &= valid
+        if new.sum() <= degree + 1 or (new == keep).all():
+            break
+        keep = new
+    return np.polynomial.polynomial.polyval(x, coef)
+
+
 class RetinaNotFoundError(ValueError):
     """:func:`normalize_bscan` found no plausible retina in a B-scan; the message says why."""
 
@@ -421,6 +453,14 @@ class RetinaNorm:
       needs the row spacing (``spacing_y_um`` or the file's), so retinal thickness is kept.
     - ``"frame"``: every row of the scan.
 
+    Flattening (``flatten``): ``True`` / ``"bm"`` shifts every column so the detected BM is a
+    straight row; ``"smooth"`` shifts it onto a degree-``flatten_degree`` polynomial fitted to
+    BM (robustly: columns more than 3 scaled MADs off the first fit are dropped and the curve is
+    refitted), which removes the scan's tilt and curvature (device, head position) but keeps
+    local deformations of BM: drusen, pigment-epithelial detachments and CNV lift the RPE over
+    a fraction of the width, and straightening the detected boundary would erase exactly that
+    evidence; ``False`` / ``"none"`` shifts every column by the median BM (centring only).
+
     Columns: resampled to ``target_spacing_x_um`` when it and the column spacing
     (``spacing_x_um`` or the file's) are known, else scaled by ``x_scale`` (output columns per
     input column): a fixed lateral pixel size either way, never one that depends on the scan.
@@ -432,7 +472,8 @@ class RetinaNorm:
     below_bm: float = 0.25
     depth_um: float = 500.0
     below_bm_um: float = 120.0
-    flatten: bool = True
+    flatten: bool | str = True
+    flatten_degree: int = 2
     spacing_y_um: float | None = None
     spacing_x_um: float | None = None
     target_spacing_x_um: float | None = None
@@ -449,6 +490,8 @@ class RetinaNorm:
     def __post_init__(self) -> None:
         if self.band not in BAND_MODES:
             raise ValueError(f"band={self.band!r}; expected one of {BAND_MODES}")
+        if flatten_mode(self.flatten) == "smooth" and not 0 <= self.flatten_degree <= 6:
+            raise ValueError(f"flatten_degree={self.flatten_degree}: expected 0..6")
         if self.height < 1 or self.x_scale <= 0 or self.max_columns < 8:
             raise ValueError("height >= 1, x_scale > 0 and max_columns >= 8 are required")
         p = self.intensity_percentiles
@@ -639,8 +682,8 @@ def normalize_bscan(
     """Retina-normalised band of one B-scan (H, W) (uint8, or float of any range).
 
     Steps (:class:`RetinaNorm`): ILM and BM (:func:`detect_retina`, with its failure checks:
-    :class:`RetinaNotFoundError` naming ``name``), flatten on BM (``flatten``, whole-row column
-    shifts as :func:`flatten_crop`), crop the ``band``, resample it to ``height`` rows and a
+    :class:`RetinaNotFoundError` naming ``name``), flatten (``flatten``: on BM or a smooth
+    curve through it; whole-row column shifts as :func:`flatten_crop`), crop the ``band``, resample it to ``height`` rows and a
     fixed column size (area averaging when shrinking), and map the ``intensity_percentiles``
     of its valid pixels to [-1, 1] (None: uint8 0..255 to [-1, 1]). Pixels beyond the scan or
     in registration fill are set to the band's background (its 10th percentile). The file's
@@ -653,8 +696,10 @@ def normalize_bscan(
     sy = spacing_y_um if spacing_y_um is not None else s.spacing_y_um
     sx = spacing_x_um if spacing_x_um is not None else s.spacing_x_um
 
-    bm_i = np.round(bm).astype(np.int64)
-    shifts = column_shifts(bm_i, int(np.round(np.median(bm_i))), s.flatten)
+    mode = flatten_mode(s.flatten)
+    ref = smooth_reference(bm, s.flatten_degree) if mode == "smooth" else bm
+    bm_i = np.round(ref).astype(np.int64)
+    shifts = column_shifts(bm_i, int(np.round(np.median(bm_i))), mode != "none")
     ilm_f, bm_f = ilm - shifts, bm - shifts  # rows after flattening
     thick = float(np.median(bm_f - ilm_f))
     if s.band == "anatomy":
