@@ -412,7 +412,9 @@ def flatten_mode(flatten: bool | str) -> str:
     return flatten
 
 
-def smooth_reference(bm: np.ndarray, degree: int = 2, valid: np.ndarray | None = None) -> np.ndarray:
+def smooth_reference(
+    bm: np.ndarray, degree: int = 2, valid: np.ndarray | None = None
+) -> np.ndarray:
     """A degree-``degree`` polynomial through BM rows (W,), fitted robustly (see RetinaNorm)."""
     bm = np.asarray(bm, dtype=np.float64)
     x = np.linspace(-1.0, 1.0, len(bm))
