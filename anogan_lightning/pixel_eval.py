@@ -146,6 +146,22 @@ def aggregate_windows(
     return by(rule), extra
 
 
+def retina_map_scores(maps: np.ndarray, retina: list[np.ndarray]) -> Tensor:
+    """B-scan scores (n,) float64: the mean of each stitched map (n, H, W) over its retina
+    pixels (``retina[i]`` (h, w) bool, from ILM to BM; NaN pixels and an empty retina ignored:
+    NaN). The ``map_retina`` rule: the map says where tissue does not fit, and a B-scan is as
+    anomalous as its retina is on average, so an extended lesion (fluid, a thickened retina)
+    counts by its extent, and speckle or shadows outside the retina do not count at all."""
+    out = torch.full((len(maps),), float("nan"), dtype=torch.float64)
+    for i, (m, r) in enumerate(zip(maps, retina, strict=True)):
+        h, w = r.shape
+        v = np.asarray(m[:h, :w], dtype=np.float64)[r]
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[i] = float(v.mean())
+    return out
+
+
 def pad_stack(arrays: list[np.ndarray | None], shape: tuple[int, int, int]) -> np.ndarray:
     """(n, H, W) uint8 from per-B-scan masks of possibly smaller (h, w) (None = no lesion),
     zero-padded like :class:`Stitcher`'s maps."""

@@ -268,10 +268,15 @@ def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Row
                 stitcher.add(res["amap"].detach().float().cpu(), batch["coords"])
         index = torch.zeros(len(ds), dtype=torch.long)  # every window is of B-scan 0
         agg = pixel_eval.aggregate_windows
-        s = float(agg(torch.cat(scores), index, 1, rule, top_k)[0][0])
+        win_rule = "max" if rule == "map_retina" else rule
+        s = float(agg(torch.cat(scores), index, 1, win_rule, top_k)[0][0])
         values = {
-            n: float(agg(torch.cat(v), index, 1, rule, top_k)[0][0]) for n, v in comps.items()
+            n: float(agg(torch.cat(v), index, 1, win_rule, top_k)[0][0]) for n, v in comps.items()
         }
+        if rule == "map_retina":  # the mean of the stitched map over the retina
+            if not int(stitcher.count.sum()):
+                raise ValueError("aggregate=map_retina needs an anomaly map; this model gives none")
+            s = float(pixel_eval.retina_map_scores(stitcher.maps(), [ds.image_retina(0)])[0])
         flag = None if math.isnan(threshold) else int(s >= threshold)
         rows.file(
             path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, patches=len(ds), **values

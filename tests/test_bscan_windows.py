@@ -70,6 +70,19 @@ def test_aggregate_windows_rules():
         pixel_eval.aggregate_windows(scores, index, 3, "median")
 
 
+def test_retina_map_scores_mean_inside_the_retina_only():
+    maps = np.zeros((3, 4, 6), np.float32)
+    maps[0, 1:3, :] = 2.0  # inside the retina
+    maps[0, 0, :] = 100.0  # outside: ignored
+    maps[1, 1, 0] = np.nan  # unscored pixel: ignored
+    maps[1, 1:3, 1:] = 1.0
+    retina = [np.zeros((4, 6), bool) for _ in range(3)]
+    retina[0][1:3] = retina[1][1:3] = True
+    retina[2] = np.zeros((4, 5), bool)  # narrower than the padded map, no retina: NaN
+    s = pixel_eval.retina_map_scores(maps, retina)
+    assert s[0] == 2.0 and s[1] == pytest.approx(10 / 11) and math.isnan(s[2])
+
+
 def test_aupro_perfect_chance_and_small_regions_count():
     masks = np.zeros((1, 20, 40), np.uint8)
     masks[0, 2:4, 2:4] = 1  # a small region
@@ -121,6 +134,13 @@ def test_grid_windows_cover_every_band_and_failures_are_named(files):
     for i, (h, w) in enumerate(shapes):
         assert not np.isnan(maps[i, :h, :w]).any()  # every pixel of every band scored
     assert ds.image_mask(1).any() and not ds.image_mask(0).any()
+    # retina pixels: ILM to BM rows of the band; the cyst lies inside the retina
+    for i, (h, w) in enumerate(shapes):
+        inside = ds.image_retina(i)
+        assert inside.shape == (h, w) and 0.3 < inside.mean() < 0.9
+        assert not inside[0].any() and not inside[-1].any()  # margins above ILM and below BM
+    cyst = ds.image_mask(1) > 0
+    assert ds.image_retina(1)[cyst].mean() > 0.95
     item = ds[0]
     assert item["id"].endswith("s0.png:y0:x0") and item["coords"].tolist() == [0, 0, 0]
 
@@ -139,6 +159,7 @@ def test_random_windows_move_and_cache_is_reused(files):
     )
     again.preload()
     np.testing.assert_array_equal(again.image(2), ds.image(2))
+    np.testing.assert_array_equal(again.image_retina(2), ds.image_retina(2))  # cached too
     other = RetinaBScanDataset(
         paths[:4], [0] * 4, ["N"] * 4, S, pp.RetinaNorm(height=48), "random", cache_dir=tmp / "c"
     )
@@ -269,7 +290,8 @@ def test_duke_and_mexico_load_unrenamed(tmp_path: Path):
 # ---------------------------------------------------------------- end to end
 
 
-def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_path: Path):
+@pytest.mark.parametrize("rule", ["topk", "map_retina"])
+def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_path: Path, rule):
     """Autoencoder through the entry point on the folder: B-scan scores from windows, every
     rule's AUROC, pixel metrics of the stitched maps, overlays."""
     from conftest import compose_cfg, tiny_overrides
@@ -297,16 +319,18 @@ def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_pa
         "data.num_workers=0",
         "data.batch_size=4",
         f"data.cache_dir={tmp_path / 'cache'}",
-        "data.aggregate=topk",
+        f"data.aggregate={rule}",
         "figures=true",
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = run(compose_cfg(overrides, tmp_path / "run"))
     n_test = 4
-    for rule in ("max", "top3", "mean"):
-        assert f"test/auroc_window_{rule}" in results
-    assert results["test/auroc"] == results["test/auroc_window_top3"]
+    for name in ("max", "top3", "mean"):
+        assert f"test/auroc_window_{name}" in results
+    assert 0 <= results["test/auroc_map_retina"] <= 1  # the mean map over the retina, reported
+    chosen = {"topk": "test/auroc_window_top3", "map_retina": "test/auroc_map_retina"}[rule]
+    assert results["test/auroc"] == results[chosen]
     assert 0 <= results["test/pixel_auroc"] <= 1 and results["test/pixel_regions"] >= 1
     assert 0 <= results["test/pixel_aupro"] <= 1
     scores = (tmp_path / "run/scores.csv").read_text().splitlines()

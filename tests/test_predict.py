@@ -225,7 +225,8 @@ def test_2d_checkpoint_reports_volume_files_as_unsupported(tmp_path: Path):
     assert [p.name for p in (out / "heatmaps").glob("*.png")] == ["000000_scan.png"]
 
 
-def test_retina_checkpoint_scores_whole_scans_as_its_test_run(tmp_path: Path):
+@pytest.mark.parametrize("rule", ["topk", "map_retina"])
+def test_retina_checkpoint_scores_whole_scans_as_its_test_run(tmp_path: Path, rule: str):
     """A resize=retina checkpoint: predict normalises each scan with the checkpoint's settings,
     scores every window and aggregates them by its rule, so a B-scan's score is the training
     run's test score of it; the stitched band map is the heatmap; a scan whose retina is not
@@ -250,7 +251,7 @@ def test_retina_checkpoint_scores_whole_scans_as_its_test_run(tmp_path: Path):
         "data.retina.height=32",
         "data.retina.spacing_y_um=7.74",
         "data.window_stride=16",
-        "data.aggregate=topk",
+        f"data.aggregate={rule}",
         "data.num_workers=0",
         "data.batch_size=4",
         f"data.cache_dir={tmp_path / 'cache'}",

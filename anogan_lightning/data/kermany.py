@@ -338,7 +338,7 @@ def window_starts(length: int, size: int, stride: int) -> np.ndarray:
     return np.array(starts, dtype=np.int64)
 
 
-AGGREGATIONS = ("max", "mean", "topk")
+AGGREGATIONS = ("max", "mean", "topk", "map_retina")
 
 
 def retina_norm(retina: dict | None, fill_white: bool = FILL_WHITE) -> pp.RetinaNorm:
@@ -363,8 +363,9 @@ class RetinaBScanDataset(Dataset):
     (1, S, S) in [-1, 1], ``label`` and ``id`` (grid: ``"<file>:y<row>:x<col>"``), ``coords``
     (3,) = (B-scan index, y, x) and ``mask`` (1, S, S) where the scans have masks. Grid windows
     are scored one by one and aggregated into a B-scan score by the method's base class
-    (``aggregate``: max, mean or the mean of the ``top_k`` highest) and their maps stitched
-    into one map per B-scan (:class:`anogan_lightning.pixel_eval.Stitcher`, through
+    (``aggregate``: max, mean, the mean of the ``top_k`` highest, or ``map_retina``: the mean
+    of the stitched map over the retina, :func:`anogan_lightning.pixel_eval.retina_map_scores`)
+    and their maps stitched into one map per B-scan (:class:`anogan_lightning.pixel_eval.Stitcher`, through
     ``image_shapes``, ``image_ids``, :meth:`image`, :meth:`image_mask`).
 
     Every scan is normalised once by :meth:`preload` (threads; kept as uint8 bands, or read
@@ -410,18 +411,19 @@ class RetinaBScanDataset(Dataset):
         self.failures: list[str] = []
         self._bands: np.ndarray | None = None  # (height, sum of widths) uint8
         self._masks: np.ndarray | None = None
+        self._retina_rows = np.zeros((2, 0), dtype=np.float32)
         self._offsets = np.zeros(1, dtype=np.int64)
         self._windows = np.zeros((0, 3), dtype=np.int64)  # grid: (image, y, x)
 
     # -- preprocessing, once ------------------------------------------------------------------
-    def _prepare(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | str:
+    def _prepare(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | str:
         path, mpath = self.paths[i], self.masks[i]
         try:
             a = read_gray(path)
             r = pp.normalize_bscan(a, self.retina, name=str(path))
             band = np.round((r.band + 1.0) * 127.5).astype(np.uint8)
             mask = r.apply(read_mask_image(mpath, a.shape)) if mpath is not None else None
-            return band, mask
+            return band, mask, np.stack([r.ilm, r.bm]).astype(np.float32)
         except pp.RetinaNotFoundError as e:
             return str(e)
         except Exception as e:  # any decoder error: one bad file must not stop the run
@@ -433,7 +435,7 @@ class RetinaBScanDataset(Dataset):
             for f in (p, m):
                 st = f.stat() if f is not None and f.exists() else None
                 sig.append(None if st is None else [str(f.resolve()), st.st_size, st.st_mtime_ns])
-        blob = json.dumps({"v": 1, "files": sig, "retina": self.retina.key()}, default=str)
+        blob = json.dumps({"v": 2, "files": sig, "retina": self.retina.key()}, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
     def preload(self, name: str = "", threads: int | None = None) -> None:
@@ -446,6 +448,7 @@ class RetinaBScanDataset(Dataset):
             z = np.load(cached, allow_pickle=False)
             keep, bands, offsets = z["keep"].tolist(), z["bands"], z["offsets"]
             masks = z["masks"] if "masks" in z.files else None
+            retina_rows = z["retina_rows"]
             failures = [str(f) for f in z["failures"]]
             log.info("bscans %s: %d normalised scans from the cache %s", name, len(keep), cached)
         else:
@@ -457,14 +460,21 @@ class RetinaBScanDataset(Dataset):
             kept = [results[i] for i in keep]
             h = self.retina.height
             bands = (
-                np.concatenate([b for b, _ in kept], axis=1) if kept else np.zeros((h, 0), np.uint8)
+                np.concatenate([b for b, _, _ in kept], axis=1)
+                if kept
+                else np.zeros((h, 0), np.uint8)
             )
-            widths = [b.shape[1] for b, _ in kept]
+            retina_rows = (
+                np.concatenate([r for _, _, r in kept], axis=1)
+                if kept
+                else np.zeros((2, 0), np.float32)
+            )
+            widths = [b.shape[1] for b, _, _ in kept]
             offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
             masks = None
             if self.has_mask and kept:
                 masks = np.concatenate(
-                    [m if m is not None else np.zeros_like(b) for b, m in kept], axis=1
+                    [m if m is not None else np.zeros_like(b) for b, m, _ in kept], axis=1
                 )
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -475,6 +485,7 @@ class RetinaBScanDataset(Dataset):
                     keep=np.array(keep, dtype=np.int64),
                     bands=bands,
                     offsets=offsets,
+                    retina_rows=retina_rows,
                     failures=np.array(failures, dtype=str),
                     **extra,
                 )
@@ -488,6 +499,7 @@ class RetinaBScanDataset(Dataset):
         self.classes = [self.classes[i] for i in keep]
         self.masks = [self.masks[i] for i in keep]
         self._bands, self._masks, self._offsets = bands, masks, offsets
+        self._retina_rows = retina_rows  # (2, sum of widths): ILM and BM rows in the band
         if self.mode == "grid":
             s, rows = self.image_size, []
             for i, (h, w) in enumerate(self.image_shapes):
@@ -526,6 +538,19 @@ class RetinaBScanDataset(Dataset):
         """Normalised band of B-scan ``i``: (height, W') float32 in [-1, 1]."""
         self._require()
         return to_unit_range(self._band(self._bands, i))
+
+    def image_retina(self, i: int) -> np.ndarray:
+        """(height, W') bool of B-scan ``i``: True from its ILM to its BM row (band coordinates;
+        False in the padding of a narrow band), the pixels of ``aggregate=map_retina``."""
+        self._require()
+        ilm, bm = self._retina_rows[:, self._offsets[i] : self._offsets[i + 1]]
+        r = np.arange(self.retina.height, dtype=np.float32)[:, None]
+        inside = (r >= np.floor(ilm)[None]) & (r <= np.ceil(bm)[None])
+        w = max(inside.shape[1], self.image_size)
+        left = (w - inside.shape[1]) // 2  # pad_width's symmetric padding
+        out = np.zeros((self.retina.height, w), dtype=bool)
+        out[:, left : left + inside.shape[1]] = inside
+        return out
 
     def image_mask(self, i: int) -> np.ndarray | None:
         """(height, W') uint8 lesion mask of B-scan ``i`` in band coordinates, or None."""

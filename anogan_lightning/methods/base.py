@@ -385,11 +385,25 @@ class AnomalyModule(pl.LightningModule):
             index = torch.cat(buf["image_index"])
             n = len(ds.image_ids)
             agg = pixel_eval.aggregate_windows
-            scores, alternatives = agg(scores, index, n, ds.aggregate, ds.top_k, all_rules=True)
-            components = {
-                k: agg(v, index, n, ds.aggregate, ds.top_k)[0] for k, v in components.items()
-            }
+            rule = "max" if ds.aggregate == "map_retina" else ds.aggregate
+            scores, alternatives = agg(scores, index, n, rule, ds.top_k, all_rules=True)
+            components = {k: agg(v, index, n, rule, ds.top_k)[0] for k, v in components.items()}
             components.update(alternatives)  # every rule's B-scan AUROC: auroc_window_<rule>
+            by_map = None
+            if buf["stitcher"] is not None and hasattr(ds, "image_retina"):
+                retina = [ds.image_retina(i) for i in range(n)]
+                by_map = pixel_eval.retina_map_scores(buf["stitcher"].maps(), retina)
+                if not torch.isfinite(by_map).any():  # the method gave no map
+                    by_map = None
+            if by_map is not None:  # the mean map over the retina: auroc_map_retina
+                components["map_retina"] = by_map
+            if ds.aggregate == "map_retina":
+                if by_map is None:
+                    raise ValueError(
+                        f"aggregate=map_retina needs an anomaly map; {type(self).__name__} "
+                        "gave none for these windows (choose max, mean or topk)"
+                    )
+                scores = by_map
             seen = torch.zeros(n, dtype=torch.bool)
             seen[index] = True  # B-scans with at least one window scored
             labels = torch.as_tensor(ds.image_labels)[seen]
