@@ -12,7 +12,14 @@ from conftest import compose_cfg, tiny_overrides
 from anogan_lightning import scoring
 from anogan_lightning.methods.autoencoder import AutoEncoder
 
-RECONSTRUCTION_METHODS = ["autoencoder", "pix2pix_image", "pix2pix_latent", "acae", "fanogan"]
+RECONSTRUCTION_METHODS = [
+    "autoencoder",
+    "pix2pix_image",
+    "pix2pix_latent",
+    "sparse_gan",
+    "acae",
+    "fanogan",
+]
 
 
 def _pair(seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +90,7 @@ def test_unfitted_normaliser_and_unknown_map_are_clear_errors():
 @pytest.mark.parametrize("method", RECONSTRUCTION_METHODS)
 def test_methods_fit_the_normaliser_and_score_every_map(method: str, tmp_path):
     """After fitting, the checkpoint holds the normaliser; every map of the method scores;
-    pix2pix also keeps Sparse-GAN's AAM."""
+    pix2pix and Sparse-GAN also keep Sparse-GAN's AAM."""
     import hydra
 
     from anogan_lightning.data.synthetic import SyntheticOCTDataModule
@@ -99,7 +106,7 @@ def test_methods_fit_the_normaliser_and_score_every_map(method: str, tmp_path):
     dm = SyntheticOCTDataModule(n_train=8, n_val=8, n_test=8, image_size=16, batch_size=8)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
-    kinds = scoring.ANOMALY_MAPS + (("aam",) if method.startswith("pix2pix") else ())
+    kinds = scoring.ANOMALY_MAPS + (("aam",) if "pix2pix" in method or "sparse" in method else ())
     for kind in kinds:
         model.hparams.map = kind
         with torch.no_grad():

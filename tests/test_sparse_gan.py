@@ -140,7 +140,7 @@ def test_aam_shape_and_peak_where_features_differ():
 
 
 def test_sparse_gan_score_outputs():
-    model = SparseGAN(width=4, image_size=32).eval()
+    model = SparseGAN(width=4, image_size=32, map="aam").eval()
     batch = {"x": torch.rand(5, 1, 32, 32) * 2 - 1, "label": torch.zeros(5), "id": ["a"] * 5}
     x = batch["x"]
     with torch.no_grad():
@@ -212,7 +212,12 @@ def test_decode_from_code_reconstructs_through_the_sparse_code():
     and L_sp is the objective at the code the decoder read."""
     torch.manual_seed(0)
     model = SparseGAN(  # the paper-literal reading; train mode: batch stats
-        width=4, image_size=16, decode_from="code", sparsity_mode="paper", lambda_sp=50.0
+        width=4,
+        image_size=16,
+        decode_from="code",
+        sparsity_mode="paper",
+        lambda_sp=50.0,
+        map="aam",  # an untrained model has no residual normaliser for dark_z
     )
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -382,3 +387,30 @@ def test_yaml_defaults_match_the_class_defaults():
     for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
         assert yaml[key] == hp[key], key
     assert (hp.sparsity_mode, hp.lambda_sp, hp.lambda_lat) == ("split", 5.0, 1.0)
+
+
+def test_sparse_gan_default_map_and_old_checkpoints_keep_the_aam(tmp_path):
+    """The default map is the reconstruction methods' (dark_z); a checkpoint saved before the
+    choice existed keeps the AAM it was evaluated with."""
+    from anogan_lightning.scoring import DEFAULT_MAP
+
+    model = SparseGAN(width=4, image_size=32)
+    assert model.hparams.map == DEFAULT_MAP
+    path = tmp_path / "old.ckpt"
+    hparams = {k: v for k, v in model.hparams.items() if k not in ("map", "map_sigma")}
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": "2.4.0",
+        },
+        path,
+    )
+    old = SparseGAN.load_from_checkpoint(path).eval()
+    assert old.hparams.map == "aam"
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = old.score({"x": x})
+        h_in = old.generator.encoder(x)
+        h_re = old.generator.encoder(old.generator.decoder(h_in))
+    torch.testing.assert_close(out["amap"], anomaly_activation_map(h_in, h_re, (32, 32)))

@@ -11,8 +11,12 @@ with L_sp = S(H_in) the sparse-coding objective 1/2 ||H_in - W_d s||^2 + alpha |
 code s that S computes (``nets/srn.py``). Score (eq. 4): A(I) = ||H_in - H_re||^2, H_re =
 E(G(I_in)), E = G_en (one parameter set). Decision (eq. 5): C(I) = 1 if A(I) >= phi, phi chosen on
 the validation set (the base class stores the validation Youden cut-off and reports accuracy and
-sensitivity on test at it). Pixel anomaly map: the Anomaly Activation Map (sec. 2.4, eq. 8):
-w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c], upsampled to the image.
+sensitivity on test at it). Pixel anomaly map: ``map=aam`` is the paper's Anomaly Activation
+Map (sec. 2.4, eq. 8): w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c],
+upsampled to the image. The default is the reconstruction methods' map (``map`` of
+:func:`anogan_lightning.scoring.anomaly_map`, dark_z smoothed by ``map_sigma``), because on real
+fluid annotations the AAM ranks fluid pixels below the rest (experiments/README.md, issue 12);
+checkpoints saved before this choice keep the AAM.
 Components: ``image`` (#1's score), ``latent`` (the paper's score) and ``code``, not in the
 paper: ||s(H_in) - s(H_re)||^2, the distance of the SRN's sparse codes of the two latents (in
 the normalised space of ``"scaled"`` / ``"split"``), the only score that reads the SRN at test
@@ -77,7 +81,7 @@ from torch import Tensor, nn
 
 from anogan_lightning.methods.pix2pix import Pix2Pix
 from anogan_lightning.nets.srn import SparsityRegularizationNet
-from anogan_lightning.scoring import mean_sq
+from anogan_lightning.scoring import DEFAULT_MAP, DEFAULT_MAP_SIGMA, mean_sq
 
 DECODE_FROM = ("latent", "code")  # what G_de reads: H_in, or its sparse approximation W_d s
 # what L_sp acts on and what it trains (module docstring): "paper" S(H_in) on the raw latent;
@@ -115,6 +119,8 @@ class SparseGAN(Pix2Pix):
         betas: tuple[float, float] = (0.5, 0.999),
         lambda_lat: float = 1.0,
         sparsity_mode: str = "split",
+        map: str = DEFAULT_MAP,
+        map_sigma: float = DEFAULT_MAP_SIGMA,
     ) -> None:
         super().__init__(
             channels,
@@ -127,7 +133,8 @@ class SparseGAN(Pix2Pix):
             lr,
             betas,
             lambda_lat,
-            map="aam",  # the AAM, eq. 8
+            map=map,  # "aam": the paper's Anomaly Activation Map, eq. 8
+            map_sigma=map_sigma,
         )
         if decode_from not in DECODE_FROM:
             raise ValueError(f"decode_from={decode_from!r}; expected one of {DECODE_FROM}")
