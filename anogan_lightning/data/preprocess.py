@@ -685,11 +685,12 @@ def normalize_bscan(
 
     Steps (:class:`RetinaNorm`): ILM and BM (:func:`detect_retina`, with its failure checks:
     :class:`RetinaNotFoundError` naming ``name``), flatten (``flatten``: on BM or a smooth
-    curve through it; whole-row column shifts as :func:`flatten_crop`), crop the ``band``, resample it to ``height`` rows and a
-    fixed column size (area averaging when shrinking), and map the ``intensity_percentiles``
-    of its valid pixels to [-1, 1] (None: uint8 0..255 to [-1, 1]). Pixels beyond the scan or
-    in registration fill are set to the band's background (its 10th percentile). The file's
-    spacings, where known, are passed as ``spacing_*_um`` and win over those of ``s``.
+    curve through it; whole-row column shifts as :func:`flatten_crop`), crop the ``band``,
+    resample it to ``height`` rows and a fixed column size (area averaging when shrinking),
+    and map the ``intensity_percentiles`` of its valid pixels to [-1, 1] (None: uint8 0..255
+    to [-1, 1]). Pixels beyond the scan or in registration fill are set to the band's
+    background (its 10th percentile). The file's spacings, where known, are passed as
+    ``spacing_*_um`` and win over those of ``s``.
     """
     s = s or RetinaNorm()
     a = np.asarray(img)

@@ -385,6 +385,8 @@ class AnomalyModule(pl.LightningModule):
             index = torch.cat(buf["image_index"])
             n = len(ds.image_ids)
             agg = pixel_eval.aggregate_windows
+            # map_retina scores the B-scan from its stitched map; window scores (the
+            # components, the window rules' AUROCs) are still aggregated, by max
             rule = "max" if ds.aggregate == "map_retina" else ds.aggregate
             scores, alternatives = agg(scores, index, n, rule, ds.top_k, all_rules=True)
             components = {k: agg(v, index, n, rule, ds.top_k)[0] for k, v in components.items()}
