@@ -365,8 +365,9 @@ class RetinaBScanDataset(Dataset):
     are scored one by one and aggregated into a B-scan score by the method's base class
     (``aggregate``: max, mean, the mean of the ``top_k`` highest, or ``map_retina``: the mean
     of the stitched map over the retina, :func:`anogan_lightning.pixel_eval.retina_map_scores`)
-    and their maps stitched into one map per B-scan (:class:`anogan_lightning.pixel_eval.Stitcher`, through
-    ``image_shapes``, ``image_ids``, :meth:`image`, :meth:`image_mask`).
+    and their maps stitched into one map per B-scan
+    (:class:`anogan_lightning.pixel_eval.Stitcher`, through ``image_shapes``, ``image_ids``,
+    :meth:`image`, :meth:`image_mask`).
 
     Every scan is normalised once by :meth:`preload` (threads; kept as uint8 bands, or read
     from ``cache_dir`` when the files and settings are unchanged). A scan that fails (unreadable,
@@ -546,11 +547,7 @@ class RetinaBScanDataset(Dataset):
         ilm, bm = self._retina_rows[:, self._offsets[i] : self._offsets[i + 1]]
         r = np.arange(self.retina.height, dtype=np.float32)[:, None]
         inside = (r >= np.floor(ilm)[None]) & (r <= np.ceil(bm)[None])
-        w = max(inside.shape[1], self.image_size)
-        left = (w - inside.shape[1]) // 2  # pad_width's symmetric padding
-        out = np.zeros((self.retina.height, w), dtype=bool)
-        out[:, left : left + inside.shape[1]] = inside
-        return out
+        return pad_width(inside, self.image_size, value=False)  # as _band pads the band
 
     def image_mask(self, i: int) -> np.ndarray | None:
         """(height, W') uint8 lesion mask of B-scan ``i`` in band coordinates, or None."""

@@ -412,22 +412,16 @@ def flatten_mode(flatten: bool | str) -> str:
     return flatten
 
 
-def smooth_reference(
-    bm: np.ndarray, degree: int = 2, valid: np.ndarray | None = None
-) -> np.ndarray:
+def smooth_reference(bm: np.ndarray, degree: int = 2) -> np.ndarray:
     """A degree-``degree`` polynomial through BM rows (W,), fitted robustly (see RetinaNorm)."""
     bm = np.asarray(bm, dtype=np.float64)
     x = np.linspace(-1.0, 1.0, len(bm))
-    keep = np.ones(len(bm), bool) if valid is None else np.asarray(valid, bool).copy()
-    if keep.sum() <= degree + 1:
-        keep[:] = True
+    keep = np.ones(len(bm), bool)
     for _ in range(2):
         coef = np.polynomial.polynomial.polyfit(x[keep], bm[keep], degree)
         res = bm - np.polynomial.polynomial.polyval(x, coef)
         mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep]))) + 1e-6
         new = np.abs(res) <= 3.0 * mad
-        if valid is not None:
-            new &= valid
         if new.sum() <= degree + 1 or (new == keep).all():
             break
         keep = new

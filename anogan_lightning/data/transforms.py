@@ -48,13 +48,15 @@ def squash(img: Image.Image | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(_gray(img, (size, size)).resize((size, size), RESAMPLE))
 
 
-def pad_width(a: np.ndarray, width: int) -> np.ndarray:
-    """Pad (H, W) symmetrically to at least ``width`` columns with ``a.min()`` (the background)."""
+def pad_width(a: np.ndarray, width: int, value=None) -> np.ndarray:
+    """Pad (H, W) symmetrically to at least ``width`` columns with ``value`` (None: ``a.min()``,
+    the background)."""
     missing = width - a.shape[1]
     if missing <= 0:
         return a
     left = missing // 2
-    return np.pad(a, ((0, 0), (left, missing - left)), constant_values=a.min())
+    fill = a.min() if value is None else value
+    return np.pad(a, ((0, 0), (left, missing - left)), constant_values=fill)
 
 
 def crop_square(a: np.ndarray, left: int | None = None) -> np.ndarray:
