@@ -14,7 +14,8 @@ graph returns the score and the anomaly map only, so its CSV has no component co
   checkpoint normalises each B-scan on its retina with the checkpoint's ``retina`` settings,
   scores every window (``window_stride``), aggregates the window scores by its ``aggregate``
   rule (the B-scan score, compared with the validation threshold, chosen on such scores; the
-  window count in ``patches``) and draws the stitched map over the band as the heatmap; a scan
+  window count in ``patches``) and draws the stitched map over the band (0 outside the retina
+  with ``map_region=retina``) as the heatmap; a scan
   that fails the retina checks is ``unreadable`` with the reason.
 - A checkpoint trained on ``data=oct_volume`` scores OCT volumes (.vol .e2e .npy .npz .tif .tiff
   .nii .nii.gz), one at a time: every B-scan prepared as the training run's test volumes, grid
@@ -239,15 +240,27 @@ def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Row
     """Score B-scans of a ``resize=retina`` checkpoint one at a time: normalised with its data
     settings, every window scored (``window_stride``), the window scores aggregated by its
     ``aggregate`` rule into the B-scan score, the window maps stitched into the heatmap (band
-    coordinates); returns (scored, unreadable)."""
+    coordinates, restricted to its ``map_region``; a checkpoint from before the option: the
+    whole band, as it was evaluated); returns (scored, unreadable)."""
     size = int(model.hparams.get("image_size", data.get("image_size", 64)))
     norm = retina_norm(data.get("retina"), bool(data.get("fill_white", FILL_WHITE)))
     rule, top_k = data.get("aggregate", "max"), int(data.get("top_k", 3))
+    region = data.get("map_region", "band")
     names, threshold = list(model.components), rows.threshold
     n_ok = n_bad = 0
     for path in tqdm(files, desc="scoring", unit="scan"):
         ds = RetinaBScanDataset(
-            [path], [0], [""], size, norm, "grid", None, data.get("window_stride"), rule, top_k
+            [path],
+            [0],
+            [""],
+            size,
+            norm,
+            "grid",
+            None,
+            data.get("window_stride"),
+            rule,
+            top_k,
+            map_region=region,
         )
         ds.preload(threads=1)
         if ds.n_skipped:  # unreadable, or the retina checks failed: the reason names the file
@@ -267,6 +280,7 @@ def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Row
             if "amap" in res:
                 stitcher.add(res["amap"].detach().float().cpu(), batch["coords"])
         index = torch.zeros(len(ds), dtype=torch.long)  # every window is of B-scan 0
+        amap = ds.restrict_maps(stitcher.maps()) if int(stitcher.count.sum()) else None
         agg = pixel_eval.aggregate_windows
         win_rule = "max" if rule == "map_retina" else rule
         s = float(agg(torch.cat(scores), index, 1, win_rule, top_k)[0][0])
@@ -274,18 +288,18 @@ def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Row
             n: float(agg(torch.cat(v), index, 1, win_rule, top_k)[0][0]) for n, v in comps.items()
         }
         if rule == "map_retina":  # the mean of the stitched map over the retina
-            if not int(stitcher.count.sum()):
+            if amap is None:
                 raise ValueError("aggregate=map_retina needs an anomaly map; this model gives none")
-            s = float(pixel_eval.retina_map_scores(stitcher.maps(), [ds.image_retina(0)])[0])
+            s = float(pixel_eval.retina_map_scores(amap, [ds.image_retina(0)])[0])
         flag = None if math.isnan(threshold) else int(s >= threshold)
         rows.file(
             path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, patches=len(ds), **values
         )
-        if cfg.heatmaps and int(stitcher.count.sum()):
+        if cfg.heatmaps and amap is not None:
             _heatmap(
                 out / "heatmaps" / f"{n_ok:06d}_{_safe(Path(path).stem)}.png",
                 torch.from_numpy(ds.image(0))[None],
-                torch.from_numpy(stitcher.maps()[0])[None],
+                torch.from_numpy(amap[0])[None],
                 f"{path}\nscore {s:.4g} ({rule} of {len(ds)} windows)"
                 + ("" if flag is None else f" ({'anomalous' if flag else 'normal'})"),
             )

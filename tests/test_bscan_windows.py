@@ -141,6 +141,23 @@ def test_grid_windows_cover_every_band_and_failures_are_named(files):
         assert not inside[0].any() and not inside[-1].any()  # margins above ILM and below BM
     cyst = ds.image_mask(1) > 0
     assert ds.image_retina(1)[cyst].mean() > 0.95
+    # map_region="retina" (the default): maps 0 outside ILM..BM, unchanged inside, NaN kept
+    maps[0, 0, 0] = np.nan
+    kept = ds.restrict_maps(maps)
+    assert np.isnan(kept[0, 0, 0]) and not np.isnan(maps).all()
+    for i, (h, w) in enumerate(shapes):
+        inside = ds.image_retina(i)
+        band = kept[i, :h, :w]
+        assert (band[inside] == 1).all() and (band[~inside & ~np.isnan(band)] == 0).all()
+    signed = maps - 1  # a map with negative values: its minimum outside
+    h, w = shapes[1]
+    signed[1, :h, :w][ds.image_retina(1)] = np.linspace(-3, 2, int(ds.image_retina(1).sum()))
+    out = ds.restrict_maps(signed)[1, :h, :w][~ds.image_retina(1)]
+    assert (out == -3).all()
+    ds.map_region = "band"
+    np.testing.assert_array_equal(ds.restrict_maps(maps), maps)
+    with pytest.raises(ValueError, match="map_region='vitreous'"):
+        RetinaBScanDataset(paths, [0] * 5, ["N"] * 5, S, norm, "grid", map_region="vitreous")
     item = ds[0]
     assert item["id"].endswith("s0.png:y0:x0") and item["coords"].tolist() == [0, 0, 0]
 

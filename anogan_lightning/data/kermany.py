@@ -339,6 +339,10 @@ def window_starts(length: int, size: int, stride: int) -> np.ndarray:
 
 
 AGGREGATIONS = ("max", "mean", "topk", "map_retina")
+#: ``map_region`` values: where a stitched anomaly map may be non-zero. "retina": from the ILM to
+#: Bruch's membrane (every lesion the maps are for, fluid, drusen, CNV, lies between them; the
+#: band's margins of vitreous and choroid only add speckle and shadows), "band": everywhere
+MAP_REGIONS = ("retina", "band")
 
 
 def retina_norm(retina: dict | None, fill_white: bool = FILL_WHITE) -> pp.RetinaNorm:
@@ -367,7 +371,8 @@ class RetinaBScanDataset(Dataset):
     of the stitched map over the retina, :func:`anogan_lightning.pixel_eval.retina_map_scores`)
     and their maps stitched into one map per B-scan
     (:class:`anogan_lightning.pixel_eval.Stitcher`, through ``image_shapes``, ``image_ids``,
-    :meth:`image`, :meth:`image_mask`).
+    :meth:`image`, :meth:`image_mask`), set to 0 outside the retina by :meth:`restrict_maps`
+    when ``map_region="retina"``.
 
     Every scan is normalised once by :meth:`preload` (threads; kept as uint8 bands, or read
     from ``cache_dir`` when the files and settings are unchanged). A scan that fails (unreadable,
@@ -388,11 +393,14 @@ class RetinaBScanDataset(Dataset):
         aggregate: str = "max",
         top_k: int = 3,
         cache_dir: str | Path | None = None,
+        map_region: str = "retina",
     ) -> None:
         if mode not in ("random", "center", "grid"):
             raise ValueError(f"mode={mode!r}; expected random, center or grid")
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate={aggregate!r}; expected one of {AGGREGATIONS}")
+        if map_region not in MAP_REGIONS:
+            raise ValueError(f"map_region={map_region!r}; expected one of {MAP_REGIONS}")
         if retina.height < image_size:
             raise ValueError(f"retina.height={retina.height} < image_size={image_size}")
         self.paths = [Path(p) for p in paths]
@@ -406,6 +414,7 @@ class RetinaBScanDataset(Dataset):
         self.stride = stride or max(1, image_size // 2)
         self.aggregate = aggregate if mode == "grid" else None  # read by AnomalyModule
         self.top_k = top_k
+        self.map_region = map_region
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.has_mask = any(m is not None for m in self.masks)
         self.n_skipped = 0
@@ -549,6 +558,23 @@ class RetinaBScanDataset(Dataset):
         inside = (r >= np.floor(ilm)[None]) & (r <= np.ceil(bm)[None])
         return pad_width(inside, self.image_size, value=False)  # as _band pads the band
 
+    def restrict_maps(self, maps: np.ndarray) -> np.ndarray:
+        """Stitched maps (n, H, W) of this dataset's B-scans (:class:`Stitcher` layout), with
+        ``map_region="retina"`` set outside each B-scan's retina (:meth:`image_retina`) to 0,
+        "nothing anomalous" for the maps of this package (all >= 0; a map with negative values
+        gets its own minimum there instead), NaN kept; a copy. ``"band"``: unchanged."""
+        if self.map_region == "band":
+            return maps
+        out = np.array(maps, copy=True)
+        for i in range(len(out)):
+            inside = self.image_retina(i)
+            h, w = inside.shape
+            m = out[i, :h, :w]
+            outside = ~inside & np.isfinite(m)
+            if outside.any():
+                m[outside] = min(0.0, float(np.nanmin(m)))
+        return out
+
     def image_mask(self, i: int) -> np.ndarray | None:
         """(height, W') uint8 lesion mask of B-scan ``i`` in band coordinates, or None."""
         if self._masks is None or self.masks[i] is None:
@@ -610,6 +636,7 @@ class KermanyDataModule(AnomalyDataModule):
         window_stride: int | None = None,
         aggregate: str = "max",
         top_k: int = 3,
+        map_region: str = "retina",
         cache_dir: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
@@ -623,6 +650,7 @@ class KermanyDataModule(AnomalyDataModule):
             ("resize", resize, ("retina", "crop", "squash")),
             ("train_crop", train_crop, ("random", "center")),
             ("aggregate", aggregate, AGGREGATIONS),
+            ("map_region", map_region, MAP_REGIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{arg}={value!r}; expected one of {allowed}")
@@ -644,6 +672,7 @@ class KermanyDataModule(AnomalyDataModule):
         self.window_stride = window_stride
         self.aggregate = aggregate
         self.top_k = top_k
+        self.map_region = map_region
         self.cache_dir = cache_dir
         self.seed = seed
 
@@ -676,6 +705,7 @@ class KermanyDataModule(AnomalyDataModule):
                 self.aggregate,
                 self.top_k,
                 self.cache_dir,
+                self.map_region,
             )
         crop = "center" if crop == "grid" else crop
         return KermanyDataset(

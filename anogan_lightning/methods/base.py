@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -288,11 +289,21 @@ class AnomalyModule(pl.LightningModule):
             buf[key] = merged[:N_EXTREMES]
 
     @staticmethod
-    def _pixel_record(buf: dict) -> dict | None:
-        """Pixel maps and masks of a split, (N, H, W) numpy, when the data has masks."""
+    def _stitched(buf: dict) -> np.ndarray | None:
+        """The split's stitched maps (N, H, W), restricted to the dataset's ``map_region``
+        (retina B-scans: 0 outside ILM..BM by default), or None without a stitcher."""
+        if buf["stitcher"] is None:
+            return None
+        maps = buf["stitcher"].maps()
+        restrict = getattr(buf["dataset"], "restrict_maps", None)
+        return restrict(maps) if restrict is not None else maps
+
+    @staticmethod
+    def _pixel_record(buf: dict, maps: np.ndarray | None) -> dict | None:
+        """Pixel maps and masks of a split, (N, H, W) numpy, when the data has masks; ``maps``:
+        the stitched ones (:meth:`_stitched`) where the split has a stitcher."""
         ds = buf["dataset"]
-        if buf["stitcher"] is not None:
-            maps = buf["stitcher"].maps()
+        if maps is not None:
             masks = [ds.image_mask(i) for i in range(len(ds.image_ids))]
             return {
                 "maps": maps,
@@ -380,6 +391,7 @@ class AnomalyModule(pl.LightningModule):
         components = {k: torch.cat(v) for k, v in buf["components"].items()}
         ids = buf["ids"]
         classes = buf["classes"] if len(buf["classes"]) == len(labels) else None
+        maps = self._stitched(buf)
         if buf["windows"]:  # window scores -> one score per B-scan, labelled per B-scan
             ds = buf["dataset"]
             index = torch.cat(buf["image_index"])
@@ -392,9 +404,9 @@ class AnomalyModule(pl.LightningModule):
             components = {k: agg(v, index, n, rule, ds.top_k)[0] for k, v in components.items()}
             components.update(alternatives)  # every rule's B-scan AUROC: auroc_window_<rule>
             by_map = None
-            if buf["stitcher"] is not None and hasattr(ds, "image_retina"):
+            if maps is not None and hasattr(ds, "image_retina"):
                 retina = [ds.image_retina(i) for i in range(n)]
-                by_map = pixel_eval.retina_map_scores(buf["stitcher"].maps(), retina)
+                by_map = pixel_eval.retina_map_scores(maps, retina)
                 if not torch.isfinite(by_map).any():  # the method gave no map
                     by_map = None
             if by_map is not None:  # the mean map over the retina: auroc_map_retina
@@ -419,7 +431,7 @@ class AnomalyModule(pl.LightningModule):
                 classes = [c for c, s in zip(per_image, seen.tolist(), strict=True) if s]
         val_threshold = float(self.threshold) if split == "test" else None
         metrics = evaluation.evaluate(scores, labels, split, components, val_threshold, classes)
-        pixel = self._pixel_record(buf)
+        pixel = self._pixel_record(buf, maps)
         if pixel is not None and pixel["masks"].any():
             metrics.update(pixel_eval.pixel_metrics(pixel["maps"], pixel["masks"], split))
         if split == "val" and evaluation.has_both_classes(labels):
