@@ -14,8 +14,10 @@ train and val. With ``val_from="val"`` the ``<root>/val`` folder is used as it i
 
 Resize policy. Kermany B-scans are 496 rows high but 384 to 1536 columns wide, and the width
 alone separates normal from diseased scans better than chance (experiments/README.md). Squashing
-every width to a square would let acquisition geometry masquerade as anatomy, so by default
-(``resize="crop"``) each image is resized to height ``image_size`` keeping its aspect ratio, then
+every width to a square would let acquisition geometry masquerade as anatomy. The Hydra configs
+(``data=kermany``, ``data=bscan_folder``) default to ``resize="retina"``: each B-scan normalised
+on its retina and scored whole as windows (:class:`RetinaBScanDataset`). This class's own
+default, ``resize="crop"`` (the papers' whole-image protocol): each image is resized to height ``image_size`` keeping its aspect ratio, then
 a square of width ``image_size`` is cropped from it: the centre for val/test, a random horizontal
 position for train (``train_crop="random"``; ``"center"`` for a fixed crop). Images narrower
 than tall after the height resize are padded symmetrically in width with the image's minimum
