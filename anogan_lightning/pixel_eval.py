@@ -383,6 +383,9 @@ def save_overlay(
     return path
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
 def write_overlays(
     out_dir: str | Path,
     maps: np.ndarray,
@@ -414,7 +417,9 @@ def write_overlays(
     for k, i in enumerate(sick + well):
         img = image(i)
         h, w = img.shape
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(ids[i]).name)
+        name = Path(ids[i]).name  # a B-scan file's own suffix dropped: scan.png -> scan
+        name = Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         out = Path(out_dir) / f"bscan_{k:02d}_{name}.png"
         paths.append(save_overlay(out, img, maps[i, :h, :w], masks[i, :h, :w], vmax, ids[i]))
     return paths

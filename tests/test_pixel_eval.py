@@ -111,6 +111,9 @@ def test_overlay_pngs(tmp_path):
     paths = pe.write_overlays(tmp_path / "maps", maps, masks, image_of, ids, n=2)
     assert [p.name for p in paths] == ["bscan_00_b_b1.png", "bscan_01_a_b0.png"]  # lesion first
     assert drawn == [1, 0] and all(p.is_file() for p in paths)
+    files = ["scans/x.png", "scans/y.JPEG", "scans/z.png"]  # 2-D B-scans: no doubled suffix
+    paths = pe.write_overlays(tmp_path / "files", maps, masks, image_of, files, n=2)
+    assert [p.name for p in paths] == ["bscan_00_y.png", "bscan_01_x.png"]
 
 
 @pytest.fixture
