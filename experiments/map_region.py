@@ -18,23 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from anomaly_maps import DUKE, _data  # experiments/, the script's folder
 from torch.utils.data import DataLoader
 
 from anogan_lightning import evaluation, pixel_eval
 from anogan_lightning.data.bscan_folder import BScanFolderDataModule
 from anogan_lightning.predict import load_model
-
-DUKE = dict(
-    csv="manifest.csv",
-    path_column="file",
-    label_column="has_fluid",
-    group_column="subject",
-    image_dir="images",
-    mask_dir="masks",
-    pool_split=(0, 0, 1),
-    val_fraction=0,
-    num_workers=0,
-)
 
 
 def stitched_maps(model, ds, batch_size: int = 128) -> np.ndarray:
@@ -59,8 +48,7 @@ def main() -> None:
         model, cfg = load_model(ckpt, torch.device("cpu"))
         if cfg.get("resize") != "retina":
             raise SystemExit(f"{ckpt}: a data.resize=retina checkpoint is needed")
-        data = {k: v for k, v in cfg.items() if k != "_target_"}
-        dm = BScanFolderDataModule(**{**data, **DUKE, "root": str(root), "map_region": "band"})
+        dm = BScanFolderDataModule(**_data(cfg, root=str(root), **DUKE, map_region="band"))
         dm.setup("test")
         ds = dm.test_set
         n = len(ds.image_ids)

@@ -17,8 +17,8 @@ alone separates normal from diseased scans better than chance (experiments/READM
 every width to a square would let acquisition geometry masquerade as anatomy. The Hydra configs
 (``data=kermany``, ``data=bscan_folder``) default to ``resize="retina"``: each B-scan normalised
 on its retina and scored whole as windows (:class:`RetinaBScanDataset`). This class's own
-default, ``resize="crop"`` (the papers' whole-image protocol): each image is resized to height ``image_size`` keeping its aspect ratio, then
-a square of width ``image_size`` is cropped from it: the centre for val/test, a random horizontal
+default, ``resize="crop"`` (the papers' whole-image protocol): each image is resized to height
+``image_size`` keeping its aspect ratio, then a square of width ``image_size`` is cropped from it: the centre for val/test, a random horizontal
 position for train (``train_crop="random"``; ``"center"`` for a fixed crop). Images narrower
 than tall after the height resize are padded symmetrically in width with the image's minimum
 value (the dark background). ``resize="squash"`` resizes straight to (S, S) instead; it leaks the
