@@ -184,6 +184,33 @@ def test_random_windows_move_and_cache_is_reused(files):
     assert len(list((tmp / "c").glob("*.npz"))) == 2 and other.image(0).shape[0] == 48
 
 
+def test_thickness_score_rises_with_a_local_swelling(tmp_path: Path):
+    """The anatomy reference: a retina thickened over a third of its width scores above the
+    same retina without it; the ratio does not depend on the axial scale of the scan."""
+    h, w = 248, 384
+    u = np.linspace(-1, 1, w)
+    r = np.arange(h)[:, None]
+
+    def retina(bump: float, scale: float = 1.0) -> np.ndarray:
+        bm = 170 + 10 * u
+        ilm = bm - scale * (60 + bump * np.exp(-(((u - 0.3) / 0.25) ** 2)))
+        img = np.where((r >= ilm) & (r < bm), 110.0, 20.0)
+        img = np.where((r >= bm - 8) & (r < bm), 230, np.where(r >= bm, 70, img))
+        rng = np.random.default_rng(0)
+        return np.clip(img * rng.gamma(8, 1 / 8, size=img.shape), 0, 255).astype(np.uint8)
+
+    paths = [
+        save(tmp_path / f"{name}.png", retina(b, k))
+        for name, b, k in (("flat", 0, 1.0), ("swollen", 40, 1.0), ("swollen_thin", 40, 0.6))
+    ]
+    ds = RetinaBScanDataset(paths, [0, 1, 1], ["N", "F", "F"], S, pp.RetinaNorm(**RETINA))
+    ds.preload()
+    t = ds.thickness_scores()
+    assert t.shape == (3,) and torch.isfinite(t).all()
+    assert t[0] < 0.05 < t[1]  # flat: upper quartile = median
+    assert abs(float(t[2] - t[1])) < 0.1  # the same shape at 0.6 of the thickness
+
+
 def test_mask_of_another_size_is_an_error_naming_it(files):
     tmp, paths, _ = files
     wrong = save(tmp / "mask/wrong.png", np.zeros((10, 10), np.uint8))
@@ -346,6 +373,7 @@ def test_end_to_end_windows_aggregation_pixels_and_overlays(folder: Path, tmp_pa
     for name in ("max", "top3", "mean"):
         assert f"test/auroc_window_{name}" in results
     assert 0 <= results["test/auroc_map_retina"] <= 1  # the mean map over the retina, reported
+    assert 0 <= results["test/auroc_thickness"] <= 1  # the anatomy reference, every method
     chosen = {"topk": "test/auroc_window_top3", "map_retina": "test/auroc_map_retina"}[rule]
     assert results["test/auroc"] == results[chosen]
     assert 0 <= results["test/pixel_auroc"] <= 1 and results["test/pixel_regions"] >= 1

@@ -409,6 +409,8 @@ class AnomalyModule(pl.LightningModule):
                 by_map = pixel_eval.retina_map_scores(maps, retina)
                 if not torch.isfinite(by_map).any():  # the method gave no map
                     by_map = None
+            if hasattr(ds, "thickness_scores"):  # the anatomy reference: auroc_thickness
+                components["thickness"] = ds.thickness_scores()
             if by_map is not None:  # the mean map over the retina: auroc_map_retina
                 components["map_retina"] = by_map
             if ds.aggregate == "map_retina":
