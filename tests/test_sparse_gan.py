@@ -140,7 +140,7 @@ def test_aam_shape_and_peak_where_features_differ():
 
 
 def test_sparse_gan_score_outputs():
-    model = SparseGAN(width=4, image_size=32, map="aam").eval()
+    model = SparseGAN(width=4, image_size=32, map="aam", decode_from="latent").eval()  # G_de(H_in)
     batch = {"x": torch.rand(5, 1, 32, 32) * 2 - 1, "label": torch.zeros(5), "id": ["a"] * 5}
     x = batch["x"]
     with torch.no_grad():
@@ -320,9 +320,10 @@ def test_scale_free_sparsity_loss_ignores_the_scale_of_h(mode):
 
 
 def test_split_mode_trains_the_srn_on_its_own_objective():
-    """ "split": S and W_d get the gradient of L_scl at sg(H); G_en gets a gradient too."""
+    """ "split" (decoder reading H_in): S and W_d get the gradient of L_scl at sg(H); G_en gets
+    a gradient too."""
     torch.manual_seed(0)
-    model = SparseGAN(width=4, image_size=16, sparsity_mode="split")
+    model = SparseGAN(width=4, image_size=16, sparsity_mode="split", decode_from="latent")
     h = torch.rand(4, model.srn.in_channels, 4, 4, requires_grad=True)
     loss, _ = model.sparsity_loss(h)
     srn_params = list(model.srn.parameters())
@@ -387,6 +388,7 @@ def test_yaml_defaults_match_the_class_defaults():
     for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
         assert yaml[key] == hp[key], key
     assert (hp.sparsity_mode, hp.lambda_sp, hp.lambda_lat) == ("split", 5.0, 1.0)
+    assert hp.decode_from == "code"
 
 
 def test_sparse_gan_default_map_and_old_checkpoints_keep_the_aam(tmp_path):
