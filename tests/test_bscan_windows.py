@@ -24,12 +24,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared/data"
 
 
-def scan(w: int = 384, h: int = 248, seed: int = 0, cyst: bool = False):
-    """uint8 phantom B-scan (retina, bright RPE) and its lesion mask (a dark cyst)."""
+def scan(
+    w: int = 384,
+    h: int = 248,
+    seed: int = 0,
+    cyst: bool = False,
+    thickness: float = 60.0,
+    pit: float = 20.0,
+    swelling: float = 0.0,
+):
+    """uint8 phantom B-scan (retina ``thickness`` rows thick, a foveal ``pit`` at the centre, a
+    ``swelling`` to the right of it, bright RPE) and its lesion mask (a dark cyst)."""
     rng = np.random.default_rng(seed)
     u = np.linspace(-1, 1, w)
     bm = 160 + 10 * u + 15 * u**2
-    ilm = bm - 60 + 20 * np.exp(-((u / 0.2) ** 2))
+    bump = np.exp(-(((u - 0.3) / 0.25) ** 2))
+    ilm = bm - thickness + pit * np.exp(-((u / 0.2) ** 2)) - swelling * bump
     r = np.arange(h)[:, None]
     img = np.where((r >= ilm) & (r < bm), 110.0, 20.0)
     img = np.where((r >= bm - 8) & (r < bm), 230, np.where(r >= bm, 70, img))
@@ -187,21 +197,10 @@ def test_random_windows_move_and_cache_is_reused(files):
 def test_thickness_score_rises_with_a_local_swelling(tmp_path: Path):
     """The anatomy reference: a retina thickened over a third of its width scores above the
     same retina without it; the ratio does not depend on the axial scale of the scan."""
-    h, w = 248, 384
-    u = np.linspace(-1, 1, w)
-    r = np.arange(h)[:, None]
-
-    def retina(bump: float, scale: float = 1.0) -> np.ndarray:
-        bm = 170 + 10 * u
-        ilm = bm - scale * (60 + bump * np.exp(-(((u - 0.3) / 0.25) ** 2)))
-        img = np.where((r >= ilm) & (r < bm), 110.0, 20.0)
-        img = np.where((r >= bm - 8) & (r < bm), 230, np.where(r >= bm, 70, img))
-        rng = np.random.default_rng(0)
-        return np.clip(img * rng.gamma(8, 1 / 8, size=img.shape), 0, 255).astype(np.uint8)
-
+    shapes = {"flat": (60, 0), "swollen": (60, 40), "swollen_thin": (36, 24)}  # 0.6 of it
     paths = [
-        save(tmp_path / f"{name}.png", retina(b, k))
-        for name, b, k in (("flat", 0, 1.0), ("swollen", 40, 1.0), ("swollen_thin", 40, 0.6))
+        save(tmp_path / f"{name}.png", scan(thickness=t, pit=0, swelling=s)[0])
+        for name, (t, s) in shapes.items()
     ]
     ds = RetinaBScanDataset(paths, [0, 1, 1], ["N", "F", "F"], S, pp.RetinaNorm(**RETINA))
     ds.preload()

@@ -307,9 +307,8 @@ def test_yaml_keys_are_constructor_args(tiny: Path):
     assert OmegaConf.is_missing(cfg, "root")
     params = set(inspect.signature(KermanyDataModule).parameters)
     assert set(cfg) - {"_target_"} == params
-    assert (
-        cfg.resize == "retina"
-    )  # the default since it beat the crop on Kermany test (experiments/README.md)
+    # the default since retina windows beat the crop on Kermany test (experiments/README.md)
+    assert cfg.resize == "retina"
     dm = instantiate(cfg, root=str(tiny), preload=False, resize="crop", cache_dir=None)
     assert isinstance(dm, KermanyDataModule)
     assert (dm.batch_size, dm.num_workers, dm.val_normal, dm.val_abnormal) == (64, 2, 1000, 3000)

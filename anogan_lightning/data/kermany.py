@@ -341,7 +341,6 @@ def window_starts(length: int, size: int, stride: int) -> np.ndarray:
 
 
 AGGREGATIONS = ("max", "mean", "topk", "map_retina")
-THICKNESS_QUANTILE = 75.0  # RetinaBScanDataset.thickness_scores
 #: ``map_region`` values: where a stitched anomaly map may be non-zero. "retina": from the ILM to
 #: Bruch's membrane (every lesion the maps are for, fluid, drusen, CNV, lies between them; the
 #: band's margins of vitreous and choroid only add speckle and shadows), "band": everywhere
@@ -555,13 +554,17 @@ class RetinaBScanDataset(Dataset):
     def image_retina(self, i: int) -> np.ndarray:
         """(height, W') bool of B-scan ``i``: True from its ILM to its BM row (band coordinates;
         False in the padding of a narrow band), the pixels of ``aggregate=map_retina``."""
-        self._require()
-        ilm, bm = self._retina_rows[:, self._offsets[i] : self._offsets[i + 1]]
+        ilm, bm = self._boundaries(i)
         r = np.arange(self.retina.height, dtype=np.float32)[:, None]
         inside = (r >= np.floor(ilm)[None]) & (r <= np.ceil(bm)[None])
         return pad_width(inside, self.image_size, value=False)  # as _band pads the band
 
-    def thickness_scores(self, q: float = THICKNESS_QUANTILE) -> torch.Tensor:
+    def _boundaries(self, i: int) -> np.ndarray:
+        """(2, W) ILM and BM rows of B-scan ``i`` in band coordinates (no padding)."""
+        self._require()
+        return self._retina_rows[:, self._offsets[i] : self._offsets[i + 1]]
+
+    def thickness_scores(self, q: float = 75.0) -> torch.Tensor:
         """(n_images,) float64: the ``q``-th percentile of each B-scan's retinal thickness
         (BM row minus ILM row, per column of its band) over its median, minus 1, the
         ``thickness`` reference score beside every method's (``<split>/auroc_thickness``).
@@ -577,7 +580,7 @@ class RetinaBScanDataset(Dataset):
         self._require()
         out = torch.empty(len(self._offsets) - 1, dtype=torch.float64)
         for i in range(len(out)):
-            ilm, bm = self._retina_rows[:, self._offsets[i] : self._offsets[i + 1]]
+            ilm, bm = self._boundaries(i)
             t = (bm - ilm).astype(np.float64)
             med = float(np.median(t))
             out[i] = float(np.percentile(t, q)) / med - 1.0 if med > 0 else float("nan")

@@ -50,8 +50,8 @@ score itself (G_en(G(x)) ~ G_en(x) on normals); eq. 3 and 7 have none.
 Defaults: ``sparsity_mode="split"``, ``lambda_sp=5``, ``lambda_lat=1``, ``decode_from="code"``,
 chosen on validation AUROC by the ablations over these keys (``conf/sweep/sparse_gan_modes``;
 the last one on retina-normalised windows, 3 seeds each, where the sparse bottleneck led every
-other reading on validation: experiments/README.md). The paper-literal reading is ``sparsity_mode="paper"``, ``lambda_sp=50``,
-``lambda_lat=0``.
+other reading on validation: experiments/README.md). The paper-literal reading is
+``sparsity_mode="paper"``, ``lambda_sp=50``, ``lambda_lat=0``, ``decode_from="latent"``.
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224
