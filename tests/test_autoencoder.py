@@ -18,10 +18,12 @@ def test_coarse_noise_is_smooth_at_its_grid_scale_and_has_its_spread():
     assert abs(float(n.mean())) < 0.02
     step = (n[..., 1:] - n[..., :-1]).std() / n.std()  # neighbours 1 px apart: nearly equal
     assert float(step) < 0.3
+
     # pixels a grid cell (8 px) apart are less alike than neighbours, 4 cells apart unrelated
-    corr = lambda d: float(
-        torch.corrcoef(torch.stack([n[..., :-d].flatten(), n[..., d:].flatten()]))[0, 1]
-    )  # noqa: E731
+    def corr(d: int) -> float:
+        a, b = n[..., :-d].flatten(), n[..., d:].flatten()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
     assert corr(1) > 0.9 > corr(8) and abs(corr(32)) < 0.05
     assert torch.equal(coarse_noise(x, 0.0, 8), x)
     with pytest.raises(ValueError, match="noise_res"):
