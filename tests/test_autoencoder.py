@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +54,16 @@ def test_denoising_training_corrupts_the_input_and_targets_the_clean_image():
     assert float((seen[1] - x).std()) > 0.1
     with pytest.raises(ValueError, match="noise_std"):
         AutoEncoder(width=4, image_size=16, noise_std=-0.1)
+
+
+def test_denoising_config_is_the_autoencoders_but_for_noise_and_map():
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf/method"
+    ae, dae = (
+        OmegaConf.to_container(OmegaConf.load(conf / f"{m}.yaml").method, resolve=False)
+        for m in ("autoencoder", "denoising_autoencoder")
+    )
+    assert set(ae) == set(dae)
+    differ = {k for k in ae if ae[k] != dae[k]}
+    assert differ == {"noise_std", "map"} and dae["noise_std"] > 0
