@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import CONF
+from omegaconf import OmegaConf
 
 from anogan_lightning.methods.autoencoder import AutoEncoder, coarse_noise
 
@@ -41,7 +41,7 @@ def test_denoising_training_corrupts_the_input_and_targets_the_clean_image():
         model.log = lambda *a, **k: None
         inputs = []
         hook = model.generator.register_forward_pre_hook(
-            lambda m, a, seen=inputs: seen.append(a[0].clone())
+            lambda m, a, store=inputs: store.append(a[0].clone())
         )
         loss = model.training_step({"x": x}, 0)
         model.score({"x": x})
@@ -57,11 +57,8 @@ def test_denoising_training_corrupts_the_input_and_targets_the_clean_image():
 
 
 def test_denoising_config_is_the_autoencoders_but_for_noise_and_map():
-    from omegaconf import OmegaConf
-
-    conf = Path(__file__).resolve().parents[1] / "conf/method"
     ae, dae = (
-        OmegaConf.to_container(OmegaConf.load(conf / f"{m}.yaml").method, resolve=False)
+        OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{m}.yaml").method, resolve=False)
         for m in ("autoencoder", "denoising_autoencoder")
     )
     assert set(ae) == set(dae)
