@@ -4,8 +4,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: the Hydra configs beside the package (``conf/``)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: the Hydra configs, shipped inside the package (``anogan_lightning/conf/``)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def available_methods() -> list[str]:

@@ -246,7 +246,7 @@ def export(
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
         out = export(cfg.ckpt, cfg["format"], cfg.out, cfg.verify)

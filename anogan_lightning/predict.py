@@ -452,7 +452,7 @@ def predict(cfg: DictConfig) -> Path:
     return out / "predictions.csv"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     try:
         predict(cfg)

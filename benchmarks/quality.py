@@ -82,7 +82,7 @@ def _method_key(key: str) -> str | None:
 
 @functools.cache
 def method_keys(method: str) -> frozenset[str]:
-    cfg = OmegaConf.load(REPO / "conf/method" / f"{method}.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/method" / f"{method}.yaml")
     return frozenset(cfg.get("method", {}))
 
 

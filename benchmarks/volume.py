@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = OmegaConf.load(REPO / "conf/data/oct_volume.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/oct_volume.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         write_volumes(root, args.volumes, 2)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from anogan_lightning import available_methods
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "anogan_lightning" / "conf"
 MINI = REPO.parent / "shared/data/kermany-mini"
 METHODS = available_methods()
 

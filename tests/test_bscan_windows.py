@@ -293,17 +293,17 @@ def test_csv_with_own_column_names_test_only(folder: Path):
 
 
 def test_yaml_keys_are_constructor_args():
-    cfg = OmegaConf.load(REPO / "conf/data/bscan_folder.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/bscan_folder.yaml")
     own = set(inspect.signature(BScanFolderDataModule).parameters) - {"kermany"}
     shared = set(inspect.signature(KermanyDataModule).parameters)
     assert set(cfg) - {"_target_"} == own | shared
-    k = OmegaConf.load(REPO / "conf/data/kermany.yaml")
+    k = OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml")
     assert set(k) - {"_target_"} == shared
 
 
 @pytest.mark.skipif(not (SHARED / "duke-dme-fluid").is_dir(), reason="duke-dme-fluid absent")
 def test_duke_and_mexico_load_unrenamed(tmp_path: Path):
-    cfg = OmegaConf.load(REPO / "conf/data/bscan_folder.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/bscan_folder.yaml")
     duke = dict(
         root=str(SHARED / "duke-dme-fluid"),
         csv="manifest.csv",

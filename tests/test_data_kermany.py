@@ -303,7 +303,7 @@ def test_bad_options():
 
 
 def test_yaml_keys_are_constructor_args(tiny: Path):
-    cfg = OmegaConf.load(REPO / "conf/data/kermany.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml")
     assert OmegaConf.is_missing(cfg, "root")
     params = set(inspect.signature(KermanyDataModule).parameters)
     assert set(cfg) - {"_target_"} == params
@@ -476,7 +476,7 @@ def test_fill_white_has_one_default():
 
     for fn in (kermany.read_image, kermany.KermanyDataset, kermany.KermanyDataModule):
         assert inspect.signature(fn).parameters["fill_white"].default is kermany.FILL_WHITE, fn
-    assert OmegaConf.load(REPO / "conf/data/kermany.yaml").fill_white is kermany.FILL_WHITE
+    assert OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml").fill_white is kermany.FILL_WHITE
 
 
 @needs_mini

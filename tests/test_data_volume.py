@@ -244,7 +244,7 @@ def test_synthetic_volumes_are_deterministic():
 
 
 def test_yaml_keys_are_constructor_args(tmp_path):
-    cfg = OmegaConf.load(REPO / "conf/data/oct_volume.yaml")
+    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/oct_volume.yaml")
     params = set(inspect.signature(OCTVolumeDataModule).parameters)
     assert set(cfg) - {"_target_"} == params
     assert cfg.root is None  # no root: the synthetic volumes
@@ -259,7 +259,7 @@ def test_yaml_keys_are_constructor_args(tmp_path):
 
 def test_composes_with_the_train_config(tmp_path, synth: OCTVolumeDataModule):
     overrides = ["+method=anogan", "data=oct_volume", f"paths.log_dir={tmp_path}"]
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "anogan_lightning" / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
         assert cfg.data.cache_dir == f"{tmp_path}/cache/oct_volume"
         assert cfg.data.image_size == cfg.method.image_size == 64  # the data group's size

@@ -383,7 +383,7 @@ def test_yaml_defaults_match_the_class_defaults():
     """conf/method/sparse_gan.yaml and SparseGAN() give the same reading (module docstring)."""
     from omegaconf import OmegaConf
 
-    yaml = OmegaConf.load(Path(__file__).parents[1] / "conf/method/sparse_gan.yaml").method
+    yaml = OmegaConf.load(Path(__file__).parents[1] / "anogan_lightning/conf/method/sparse_gan.yaml").method
     hp = SparseGAN(width=4, image_size=16).hparams
     for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
         assert yaml[key] == hp[key], key
