@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from anogan_lightning import available_methods
+from anogan_lightning import available_methods, method_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "anogan_lightning" / "conf"
@@ -63,8 +63,7 @@ TINY_DATA = [
 
 def tiny_overrides(method: str, image_size: int = 16) -> list[str]:
     """Overrides for a seconds-long fit + test of ``method`` on synthetic data."""
-    cfg = OmegaConf.load(CONF / "method" / f"{method}.yaml")
-    keys = cfg.get("method", {})
+    keys = method_config(method)
     out = [f"+method={method}", *TINY_DATA, f"data.image_size={image_size}"]
     out += [f"method.{k}={v}" for k, v in TINY_METHOD.items() if k in keys]
     return out

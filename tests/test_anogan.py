@@ -140,7 +140,7 @@ def test_fit_false_recalibrates_only_a_checkpoint_that_was_not(tmp_path, monkeyp
     config), unless calibrate_d=false."""
     from conftest import compose_cfg, tiny_overrides
 
-    from anogan_lightning.methods import anogan as anogan_module
+    from anogan_lightning.methods import bn_calibration as anogan_module
     from anogan_lightning.train import run
 
     calls = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF
 from omegaconf import OmegaConf
 
+from anogan_lightning import method_config
 from anogan_lightning.methods.autoencoder import AutoEncoder, coarse_noise
 
 
@@ -57,8 +57,9 @@ def test_denoising_training_corrupts_the_input_and_targets_the_clean_image():
 
 
 def test_denoising_config_is_the_autoencoders_but_for_noise_and_map():
+    """Through its defaults list: the keys it does not set are autoencoder.yaml's."""
     ae, dae = (
-        OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{m}.yaml").method, resolve=False)
+        OmegaConf.to_container(method_config(m), resolve=False)
         for m in ("autoencoder", "denoising_autoencoder")
     )
     assert set(ae) == set(dae)

@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from anogan_lightning import exported, provenance
+from anogan_lightning import exported, method_config, provenance
 from anogan_lightning.data.synthetic import make_split
 from anogan_lightning.export import NotExportableError, ParityError, export
 from anogan_lightning.predict import load_model, predict
@@ -34,7 +34,7 @@ SIZE = 16
 
 
 def _needs_grad(method: str) -> bool:
-    target = OmegaConf.load(CONF / "method" / f"{method}.yaml").method._target_
+    target = method_config(method)._target_
     return bool(getattr(hydra.utils.get_class(target), "needs_grad_at_test", False))
 
 

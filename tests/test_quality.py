@@ -11,9 +11,9 @@ test AUROC >= 0.8. A method that cannot reach it with tiny settings is marked
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, METHODS, compose_cfg
-from omegaconf import OmegaConf
+from conftest import METHODS, compose_cfg
 
+from anogan_lightning import method_config
 from anogan_lightning.train import run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -81,7 +81,7 @@ XFAIL: dict[str, str] = {
 
 
 def quality_overrides(method: str) -> list[str]:
-    keys = set(OmegaConf.load(CONF / "method" / f"{method}.yaml").get("method", {}))
+    keys = set(method_config(method))
     settings = DEFAULT | SETTINGS.get(method, {})
     out = [f"+method={method}", *EASY_DATA]
     for k, v in settings.items():

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from anogan_lightning.losses import bce_generator_loss
-from anogan_lightning.methods.anogan import DiscriminatorCalibration
 from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.methods.bn_calibration import DiscriminatorCalibration
 from anogan_lightning.nets.acae import ConvAutoencoder
 from anogan_lightning.nets.dcgan import DCGANDiscriminator
 from anogan_lightning.scoring import DEFAULT_MAP, DEFAULT_MAP_SIGMA, reconstruction_scores

@@ -28,7 +28,7 @@ runs D once on real images and twice on generated ones, so the batch-norm runnin
 that eval mode uses for f(x), D(x) and P_D would be about two-thirds those of fakes, and f(x)
 would not describe the query by the statistics of normal images as the paper's feature matching
 means. After training, D's batch-norm statistics are recalibrated on real training normals
-(:class:`DiscriminatorCalibration`: reset, then a cumulative average over up to
+(:class:`~anogan_lightning.methods.bn_calibration.DiscriminatorCalibration`: reset, then a cumulative average over up to
 ``calibration_batches`` batches of the training loader with D in train mode and no gradients;
 weights untouched). Chosen over a normalisation without running statistics (layer or instance
 norm in D) because it leaves the paper's DCGAN and its training exactly as they are, and because
@@ -47,102 +47,21 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterator
-from contextlib import nullcontext
 
-import hydra
 import torch
 from torch import Tensor
 
 from anogan_lightning.losses import bce_generator_loss
 from anogan_lightning.methods.base import AnomalyModule
+from anogan_lightning.methods.bn_calibration import DiscriminatorCalibration
 from anogan_lightning.nets.dcgan import (
     DCGANDiscriminator,
     DCGANGenerator,
-    recalibrate_batch_norm,
     sample_uniform_z,
 )
 from anogan_lightning.scoring import frozen, l1_per_sample, map_latent, residual_map
 
 log = logging.getLogger(__name__)
-
-
-class DiscriminatorCalibration:
-    """Mixin for methods with a DCGAN ``self.discriminator``: its batch-norm statistics come
-    from real training normals at scoring time (see the module docstring).
-
-    Recalibrated at the end of training (from the fit's training loader), else at the start of
-    validation or test when the checkpoint's discriminator was not (from the data module of the
-    run, or one built from ``self.data_config``). Needs hyperparameters ``calibrate_d`` and
-    ``calibration_batches``.
-    """
-
-    @staticmethod
-    def check_calibration_batches(calibration_batches: int) -> None:
-        if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
-
-    def calibrate_discriminator(self, loader) -> int:
-        """Recalibrate on up to ``calibration_batches`` batches of ``loader`` (dicts with
-        ``x``); returns the number of batches used and sets ``discriminator.calibrated``."""
-        limit = self.hparams.get("calibration_batches", 50)
-
-        def batches() -> Iterator[Tensor]:
-            n = 0
-            for batch in loader:
-                if n >= limit:
-                    return
-                if batch is not None:
-                    n += 1
-                    yield batch["x"].to(self.device)
-
-        trainer = self._trainer
-        # the precision D ran in during training (autocast under mixed precision)
-        context = trainer.precision_plugin.forward_context() if trainer else nullcontext()
-        with context:
-            n = recalibrate_batch_norm(self.discriminator, batches())
-        self.discriminator.calibrated.fill_(True)
-        log.info(
-            "%s: discriminator batch norm recalibrated on %d batches of training normals",
-            type(self).__name__,
-            n,
-        )
-        return n
-
-    def _training_loader(self):
-        """The training normals' loader outside a fit: the trainer's data module, else one
-        built from the data config the entry point recorded."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
-        if dm is None:
-            if not self.data_config:
-                raise RuntimeError(
-                    f"{type(self).__name__}: calibrate_d needs the training normals to "
-                    "recalibrate the discriminator, but there is no data module and no "
-                    "data_config; pass one, or method.calibrate_d=false"
-                )
-            dm = hydra.utils.instantiate(self.data_config)
-            dm.setup("fit")
-        return dm.train_dataloader()
-
-    def _calibrate_if_needed(self, loader=None) -> None:
-        if not self.hparams.get("calibrate_d", False) or bool(self.discriminator.calibrated):
-            return
-        self.calibrate_discriminator(loader if loader is not None else self._training_loader())
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.discriminator.calibrated.fill_(False)  # training moves the statistics again
-
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        self._calibrate_if_needed(self.trainer.train_dataloader)
-
-    def on_validation_epoch_start(self) -> None:
-        self._calibrate_if_needed()
-        super().on_validation_epoch_start()
-
-    def on_test_epoch_start(self) -> None:
-        self._calibrate_if_needed()
-        super().on_test_epoch_start()
 
 
 def headline(out: dict[str, Tensor], score_name: str) -> dict[str, Tensor]:
@@ -206,7 +125,7 @@ class AnoGAN(DiscriminatorCalibration, AnomalyModule):
         x_fake = self.generator(z)  # before toggling: the G step back-propagates through it
 
         # D step: maximise log D(x) + log(1 - D(G(z)))
-        real_label = self.hparams.get("real_label", 1.0)
+        real_label = self.hparams.real_label
         logs = self.bce_discriminator_update(self.discriminator, opt_d, x, x_fake, real_label)
 
         # G step: non-saturating, maximise log D(G(z))
@@ -230,7 +149,7 @@ class AnoGAN(DiscriminatorCalibration, AnomalyModule):
         """z_1 per image: its first prior draw, or with ``mapping_restarts`` K > 1 the one of
         its K draws with the lowest mapping loss L(z) (:meth:`mapping_loss`) (forward passes only; the Γ steps then
         start from it)."""
-        k = max(1, self.hparams.get("mapping_restarts", 1))
+        k = max(1, self.hparams.mapping_restarts)
         cands = self.prior_draws(ids, k)  # (K, B, latent_dim)
         if k == 1:
             return cands[0]

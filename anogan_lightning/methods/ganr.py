@@ -22,11 +22,11 @@ AnoGAN run did so; see :mod:`~anogan_lightning.methods.anogan`), so both score w
 ``require_checkpoint=true`` (``+experiment=ipmi2017_ganr``) makes a fit without
 ``from_checkpoint`` an error instead of training a DCGAN of its own.
 
-Every other argument is AnoGAN's, and the configs keep them equal to AnoGAN's (one mapping:
+Every other argument is AnoGAN's, and the configs give them one source: conf/method/base/
+dcgan_mapping.yaml, in the defaults lists of both anogan.yaml and ganr.yaml (one mapping:
 ``mapping_steps``, ``mapping_lr``, ``mapping_restarts``, ``mapping_seed``, and the DCGAN's
-training, ``lr``, ``betas``, ``real_label``; tests/test_ganr.py checks the pairs
-``+method=anogan`` / ``ganr`` and ``ipmi2017_anogan`` / ``ipmi2017_ganr``), so the two differ
-only in the discrimination term. Choices the paper leaves open: AnoGAN's.
+training, ``lr``, ``betas``, ``real_label``), so the two differ only in the discrimination
+term. Choices the paper leaves open: AnoGAN's.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class GANR(AnoGAN):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         path = self.hparams.from_checkpoint
-        if not path and self.hparams.get("require_checkpoint", False):
+        if not path and self.hparams.require_checkpoint:
             raise ValueError(
                 "GANR: method.from_checkpoint is required here (require_checkpoint=true, as in "
                 "+experiment=ipmi2017_ganr): the paper compares GAN_R with AnoGAN on the same "

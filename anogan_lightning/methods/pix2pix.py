@@ -164,10 +164,6 @@ class Pix2Pix(AnomalyModule):
         logs |= extra_logs | latent_stats(h_in.detach())
         self.log_dict({k: v.detach() for k, v in logs.items()}, prog_bar=True)
 
-    @property
-    def legacy_map(self) -> str:
-        return "aam" if self.hparams.score_space == "latent" else "residual"
-
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.generate(x)[0].float()
 
@@ -192,7 +188,7 @@ class Pix2Pix(AnomalyModule):
         out = {name: f[name] for name in self.components}
         out["score"] = f[self.hparams.score_space]
         out["x_hat"] = f["x_hat"].float()
-        if self.hparams.get("map", "aam") == "aam":  # Sparse-GAN's AAM, eq. 8
+        if self.hparams.map == "aam":  # Sparse-GAN's AAM, eq. 8
             out["amap"] = anomaly_activation_map(f["h_in"], f["h_re"], x.shape[-2:])
         else:
             out["amap"] = self.anomaly_map(x, out["x_hat"])

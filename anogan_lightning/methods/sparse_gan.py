@@ -153,7 +153,7 @@ class SparseGAN(Pix2Pix):
     def sparse_input(self, h_in: Tensor) -> Tensor:
         """What S codes: H_in ("paper") or H_in / rms(H_in) per sample ("scaled", "split")."""
         h = h_in.float()
-        return h if self.hparams.get("sparsity_mode", "paper") == "paper" else scale_normalise(h)
+        return h if self.hparams.sparsity_mode == "paper" else scale_normalise(h)
 
     def generate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``decode_from="code"``: I_re = G_de(W_d S(H)), the code s returned for L_sp."""
@@ -167,7 +167,7 @@ class SparseGAN(Pix2Pix):
     def sparsity_loss(self, h_in: Tensor, code: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(L_sp (scalar) for the G step, the code s) in this run's ``sparsity_mode``."""
         h = self.sparse_input(h_in)
-        if self.hparams.get("sparsity_mode", "paper") != "split":
+        if self.hparams.sparsity_mode != "split":
             if code is None:
                 code = self.srn(h)
             return self.srn.objective(h, code).mean(), code  # L_sp = S(H), eq. 6-7
