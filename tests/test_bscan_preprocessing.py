@@ -160,3 +160,59 @@ def test_window_starts_cover_and_the_patch_grid_uses_them():
     ys, xs = window_starts(h, 8, 6), window_starts(w, 8, 6)
     assert pos.tolist() == [[y, x] for y in ys for x in xs]
     assert torch.as_tensor(pos).dtype == torch.int64
+
+
+def test_predict_prefers_the_checkpoint_record(tmp_path: Path):
+    """predict rebuilds the preprocessing from the checkpoint's ``preprocessing`` record when it
+    has one (else from its data config): a record without the fill scores a scan with a white
+    wedge otherwise; a record of another input size than the model's is an error."""
+    import csv
+
+    from conftest import CONF, compose_cfg, tiny_overrides
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from PIL import Image
+
+    from anogan_lightning.predict import load_checkpoint, predict
+    from anogan_lightning.train import run
+
+    run(compose_cfg(tiny_overrides("autoencoder"), tmp_path / "run"))
+    ckpt = tmp_path / "run/checkpoints/model.ckpt"
+    a = np.random.default_rng(0).integers(20, 120, (64, 96), dtype=np.uint8)
+    a[:20, :30] = 255  # registration fill
+    Image.fromarray(a).save(tmp_path / "scan.png")
+    _, record = load_checkpoint(ckpt, torch.device("cpu"))
+    from_data = preprocessing_from_checkpoint({"data": record["data"]})  # synthetic: crop
+    assert from_data == BScanPreprocessing(image_size=16, resize="crop")
+
+    def score(ckpt_path: Path, name: str) -> float:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose(
+                "predict",
+                overrides=[
+                    f"ckpt={ckpt_path}",
+                    f"input={tmp_path / 'scan.png'}",
+                    f"output_dir={tmp_path / name}",
+                    "heatmaps=false",
+                ],
+            )
+        with open(predict(cfg), newline="") as fh:
+            return float(next(csv.DictReader(fh))["score"])
+
+    def with_record(p: BScanPreprocessing | None, name: str) -> Path:
+        c = torch.load(ckpt, map_location="cpu", weights_only=False)
+        c["anogan_lightning"].pop("preprocessing", None)
+        if p is not None:
+            c["anogan_lightning"]["preprocessing"] = p.to_dict()
+        torch.save(c, tmp_path / name)
+        return tmp_path / name
+
+    plain = score(with_record(None, "plain.ckpt"), "plain")  # from the data config
+    same = BScanPreprocessing(image_size=16, resize="crop")
+    assert score(with_record(same, "same.ckpt"), "same") == plain
+    unfilled = BScanPreprocessing(image_size=16, resize="crop", fill_white=False)
+    assert score(with_record(unfilled, "unfilled.ckpt"), "unfilled") != plain
+    wrong = with_record(BScanPreprocessing(image_size=32, resize="crop"), "wrong.ckpt")
+    with pytest.raises(ValueError, match="16-px inputs, its preprocessing 32"):
+        score(wrong, "wrong")
