@@ -38,8 +38,11 @@ MODES = ("random", "center", "grid")
 
 
 class RetinaBScanDataset(Dataset):
-    """Retina-normalised B-scans (:func:`~anogan_lightning.data.retina.normalize.normalize_bscan`) as
-    ``image_size`` windows.
+    """Retina-normalised B-scans
+    (:func:`~anogan_lightning.data.retina.normalize.normalize_bscan`) as ``image_size`` windows;
+    built by :meth:`BScanPreprocessing.train_dataset` / ``eval_dataset``, whose ``image_size``,
+    ``retina``, ``window_stride`` (``stride``), ``aggregate``, ``top_k`` and ``map_region`` it
+    takes.
 
     ``mode``: ``"random"`` (training: one window per B-scan and item, anywhere in the band,
     position from torch's RNG), ``"center"`` (the centre window) or ``"grid"`` (val/test: every
