@@ -113,3 +113,10 @@ def test_check_reads_no_image(tmp_path: Path):
     dm = _module(KermanyDataModule, root, resize="retina", preload=True)
     assert dm.check() == {"train": 1, "test": 1}
     assert dm.train_set is None and dm.test_set is None
+
+
+def test_every_data_module_has_check():
+    """train.py may call check() on any data module: those without files to list say so."""
+    from anogan_lightning.data.synthetic import SyntheticOCTDataModule
+
+    assert SyntheticOCTDataModule(image_size=16).check() == {}
