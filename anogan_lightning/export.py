@@ -6,9 +6,10 @@ model's) and returns (score (B,), amap (B, 1, S, S)), computed by the method's o
 (wrapped by :class:`Scorer`, so the exported scores are the checkpoint's, not a copy of its
 formula). Beside the file, ``<file>.json`` (the sidecar) records what a deployment needs to
 apply the same decision: the method, the score's name, the input shape, the validation
-threshold (anomalous when score >= threshold), the training run's data settings (the
-preprocessing), the score components the checkpoint reports (the graph returns the score and
-the map only), the torch version, and the parity check the export ran.
+threshold (anomalous when score >= threshold), the training run's data settings and its
+B-scan preprocessing record where the checkpoint has one (predict rebuilds the preprocessing
+from them as from the checkpoint), the score components the checkpoint reports (the graph
+returns the score and the map only), the torch version, and the parity check the export ran.
 
 Formats: ``onnx`` (``.onnx``, one file, through ``torch.onnx.export``'s torch.export-based
 exporter; run with onnxruntime) and ``torchscript`` (``.pt``, ``torch.jit.trace``; run with
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from anogan_lightning import exported
 from anogan_lightning.extras import MissingExtraError, require
-from anogan_lightning.predict import load_model
+from anogan_lightning.predict import load_checkpoint
 
 VERIFY_BATCHES = (1, 3)  # batch sizes checked after export (the trace used 2)
 RTOL = ATOL = 1e-4
@@ -205,7 +206,8 @@ def export(
     out = Path(out) if out else ckpt.with_suffix(suffix)
     if out.suffix.lower() != suffix:
         raise ValueError(f"out={out}: a {fmt} file ends in {suffix}")
-    model, data = load_model(ckpt, torch.device("cpu"))
+    model, record = load_checkpoint(ckpt, torch.device("cpu"))
+    data = record.get("data", {})
     check_exportable(model)
     model.float()
     shape = input_shape(model, data)
@@ -227,6 +229,9 @@ def export(
         "threshold": None if math.isnan(threshold) else threshold,
         "rule": "score >= threshold",
         "data": _json_safe(data),
+        # how a B-scan file becomes input (BScanPreprocessing.to_dict()), where the checkpoint
+        # records it; predict rebuilds it from "data" otherwise
+        **({"preprocessing": record["preprocessing"]} if record.get("preprocessing") else {}),
         "hparams": _json_safe(dict(model.hparams)),
         "checkpoint": str(ckpt.resolve()),
         "torch": str(torch.__version__),

@@ -3,13 +3,17 @@
 
 The checkpoint (``checkpoints/model.ckpt`` of a training run) carries the method's class and
 hyperparameters, its weights, the decision threshold chosen on the validation split and the
-data settings it was trained with, so new scans are preprocessed exactly as its test data were.
+data settings it was trained with, so new scans are preprocessed exactly as its test data were:
+the 2-D path rebuilds the run's
+:class:`~anogan_lightning.data.bscan.preprocessing.BScanPreprocessing` and builds its datasets
+through it, as the data module built the test set.
 An exported scorer (``python -m anogan_lightning.export``: ``.onnx`` or TorchScript ``.pt``)
 is used the same way, with the threshold and data settings of its sidecar ``<file>.json``; its
 graph returns the score and the anomaly map only, so its CSV has no component columns.
 
 - A checkpoint trained on 2-D B-scans scores images (.jpeg .jpg .png .tif .tiff .bmp): grayscale,
-  resized to the training height, centre square crop, optional flattening; a folder is streamed
+  resized to the training height, centre square crop, optional flattening (``crop_flatten``);
+  a folder is streamed
   in batches (``batch_size``, ``num_workers``) with a progress bar. A ``resize=retina``
   checkpoint normalises each B-scan on its retina with the checkpoint's ``retina`` settings,
   scores every window (``window_stride``), aggregates the window scores by its ``aggregate``
@@ -25,7 +29,7 @@ graph returns the score and the anomaly map only, so its CSV has no component co
   column spacing (.npy, .e2e) take ``spacing_x_um``, else the training run's
   ``data.spacing_x_um``.
 
-A folder is searched recursively for both kinds (files under a ``masks/`` folder, the
+A folder is searched recursively for both kinds, following links (files under a ``masks/`` folder, the
 annotations of the data layout, are left out). A file the checkpoint cannot score (a volume
 for a 2-D checkpoint, an image for a volume checkpoint) gets a ``status=unsupported`` row with
 the reason; an unreadable or malformed one (bad file, wrong dimensionality, no spacing,
@@ -65,22 +69,25 @@ from tqdm.auto import tqdm
 
 from anogan_lightning import pixel_eval, provenance
 from anogan_lightning import predict_volume as pv
-from anogan_lightning.data.kermany import FILL_WHITE, RetinaBScanDataset, read_image, retina_norm
+from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, walk_files
+from anogan_lightning.data.bscan.preprocessing import (
+    BScanPreprocessing,
+    preprocessing_from_checkpoint,
+)
 from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
-from anogan_lightning.data.transforms import crop_square, to_unit_range
 from anogan_lightning.exported import EXPORT_SUFFIXES, load_exported
 from anogan_lightning.extras import MissingExtraError
 
 log = logging.getLogger("anogan_lightning.predict")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + VOLUME_SUFFIXES))
 IMAGE_RULE = "score >= threshold"
 
 
 def list_inputs(path: str | Path) -> list[Path]:
-    """One file, or every image and volume file under a folder (recursively, sorted), leaving
-    out annotation masks (files under a ``masks/`` folder)."""
+    """One file, or every image and volume file under a folder (recursively, sorted; links to
+    folders and files followed), leaving out annotation masks (files under a ``masks/``
+    folder)."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -88,8 +95,8 @@ def list_inputs(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"input {path} does not exist")
     files = sorted(
         p
-        for p in path.rglob("*")
-        if p.is_file() and suffix(p) in SUFFIXES and "masks" not in p.relative_to(path).parts[:-1]
+        for p in walk_files(path)
+        if suffix(p) in SUFFIXES and "masks" not in p.relative_to(path).parts[:-1]
     )
     if not files:
         raise ValueError(f"no images or volumes ({' '.join(SUFFIXES)}) under {path}")
@@ -124,26 +131,22 @@ def route(files: list[Path], volumes: bool, data: dict) -> tuple[list[Path], lis
     return scored, unsupported
 
 
-class ScanFiles(Dataset):
-    """Image files as the model's test images; unreadable files become error items."""
+class ScanItems(Dataset):
+    """A B-scan dataset's items for prediction: an unreadable file becomes an error item (a
+    CSV row) rather than a gap in the batch."""
 
-    def __init__(
-        self, paths: list[Path], image_size: int, resize: str, flatten: bool, fill_white: bool
-    ) -> None:
-        self.paths, self.image_size, self.resize = paths, image_size, resize
-        self.flatten, self.fill_white = flatten, fill_white
+    def __init__(self, ds) -> None:
+        self.ds = ds
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
         try:
-            a = read_image(path, self.image_size, self.resize, self.flatten, self.fill_white)
+            item = self.ds.item(i)
         except Exception as e:  # any decoder error: reported in the CSV, the rest goes on
-            return {"id": str(path), "error": f"{type(e).__name__}: {e}"}
-        x = torch.from_numpy(to_unit_range(crop_square(a)))[None]  # (1, S, S)
-        return {"id": str(path), "x": x}
+            return {"id": str(self.ds.paths[i]), "error": f"{type(e).__name__}: {e}"}
+        return {"id": item["id"], "x": item["x"]}
 
 
 def collate(items: list[dict]) -> dict:
@@ -155,13 +158,15 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def load_model(ckpt: str | Path, device: torch.device):
-    """The method (class from the checkpoint), its weights and threshold, in eval mode; for an
-    exported file (.onnx, .pt TorchScript) its :class:`~anogan_lightning.exported.ExportedScorer`
-    with the threshold and data settings of its sidecar."""
+def load_checkpoint(ckpt: str | Path, device: torch.device) -> tuple:
+    """The method (class from the checkpoint), its weights and threshold, in eval mode, and
+    the checkpoint's record (``checkpoint["anogan_lightning"]``: class, data config,
+    preprocessing, provenance); for an exported file (.onnx, .pt TorchScript) its
+    :class:`~anogan_lightning.exported.ExportedScorer` and its sidecar."""
     ckpt = Path(ckpt)
     if ckpt.suffix.lower() in EXPORT_SUFFIXES:
-        return load_exported(ckpt, device)
+        scorer, _ = load_exported(ckpt, device)
+        return scorer, scorer.meta
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     meta = torch.load(ckpt, map_location="cpu", weights_only=False).get("anogan_lightning")
@@ -169,7 +174,23 @@ def load_model(ckpt: str | Path, device: torch.device):
         raise ValueError(f"{ckpt} was not written by anogan_lightning.train (no method record)")
     cls = hydra.utils.get_class(meta["class"])
     model = cls.load_from_checkpoint(ckpt, map_location=device)
-    return model.eval().to(device), meta.get("data", {})
+    return model.eval().to(device), meta
+
+
+def load_model(ckpt: str | Path, device: torch.device):
+    """The model of :func:`load_checkpoint` and the data config it was trained with."""
+    model, meta = load_checkpoint(ckpt, device)
+    return model, meta.get("data", {})
+
+
+def image_preprocessing(model, meta: dict) -> BScanPreprocessing:
+    """How the checkpoint's model saw a B-scan file (:func:`preprocessing_from_checkpoint`);
+    ValueError if its input size is not the model's."""
+    prep = preprocessing_from_checkpoint(meta)
+    size = model.hparams.get("image_size")
+    if size is not None and int(size) != prep.image_size:
+        raise ValueError(f"the model takes {size}-px inputs, its preprocessing {prep.image_size}")
+    return prep
 
 
 def _heatmap(path: Path, x: torch.Tensor, amap: torch.Tensor, title: str) -> None:
@@ -236,32 +257,18 @@ class Rows:
             fh.flush()
 
 
-def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Rows, out: Path):
+def _predict_retina(
+    model, files: list[Path], prep: BScanPreprocessing, cfg, device, rows: Rows, out: Path
+):
     """Score B-scans of a ``resize=retina`` checkpoint one at a time: normalised with its data
     settings, every window scored (``window_stride``), the window scores aggregated by its
     ``aggregate`` rule into the B-scan score, the window maps stitched into the heatmap (band
-    coordinates, restricted to its ``map_region``; a checkpoint from before the option: the
-    whole band, as it was evaluated); returns (scored, unreadable)."""
-    size = int(model.hparams.get("image_size", data.get("image_size", 64)))
-    norm = retina_norm(data.get("retina"), bool(data.get("fill_white", FILL_WHITE)))
-    rule, top_k = data.get("aggregate", "max"), int(data.get("top_k", 3))
-    region = data.get("map_region", "band")
+    coordinates, restricted to its ``map_region``); returns (scored, unreadable)."""
+    rule, top_k = prep.aggregate, prep.top_k
     names, threshold = list(model.components), rows.threshold
     n_ok = n_bad = 0
     for path in tqdm(files, desc="scoring", unit="scan"):
-        ds = RetinaBScanDataset(
-            [path],
-            [0],
-            [""],
-            size,
-            norm,
-            "grid",
-            None,
-            data.get("window_stride"),
-            rule,
-            top_k,
-            map_region=region,
-        )
+        ds = prep.eval_dataset([path], [0], [""], None, None)  # every window, as at test
         ds.preload(threads=1)
         if ds.n_skipped:  # unreadable, or the retina checks failed: the reason names the file
             log.warning("skipping B-scan %s", ds.failures[0])
@@ -308,18 +315,14 @@ def _predict_retina(model, files: list[Path], data: dict, cfg, device, rows: Row
     return n_ok, n_bad
 
 
-def _predict_images(model, files: list[Path], data: dict, cfg, device, rows: Rows, out: Path):
-    """Score 2-D images in batches; returns (scored, unreadable)."""
-    if data.get("resize") == "retina":
-        return _predict_retina(model, files, data, cfg, device, rows, out)
-    image_size = int(model.hparams.get("image_size", data.get("image_size", 64)))
-    ds = ScanFiles(
-        files,
-        image_size,
-        data.get("resize", "crop"),
-        bool(data.get("flatten", False)),
-        bool(data.get("fill_white", FILL_WHITE)),
-    )
+def _predict_images(model, files: list[Path], meta: dict, cfg, device, rows: Rows, out: Path):
+    """Score 2-D images in batches (through the datasets the checkpoint's test data took);
+    returns (scored, unreadable)."""
+    prep = image_preprocessing(model, meta)
+    if prep.resize == "retina":
+        return _predict_retina(model, files, prep, cfg, device, rows, out)
+    n = len(files)
+    ds = ScanItems(prep.eval_dataset(files, [0] * n, [""] * n, None, None))  # centre crops
     loader = DataLoader(
         ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate
     )
@@ -419,7 +422,8 @@ def predict(cfg: DictConfig) -> Path:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    model, data = load_model(cfg.ckpt, device)
+    model, meta = load_checkpoint(cfg.ckpt, device)
+    data = meta.get("data", {})
     dm = pv.volume_datamodule(data, cfg.get("spacing_x_um"))
     files, unsupported = route(list_inputs(cfg.input), dm is not None, data)
     threshold = float(cfg.threshold) if cfg.threshold is not None else float(model.threshold)
@@ -443,7 +447,7 @@ def predict(cfg: DictConfig) -> Path:
         if dm is not None:
             n_ok, n_bad = _predict_volumes(model, files, dm, cfg, device, rows, out)
         else:
-            n_ok, n_bad = _predict_images(model, files, data, cfg, device, rows, out)
+            n_ok, n_bad = _predict_images(model, files, meta, cfg, device, rows, out)
     kind = "volume" if dm is not None else "scan"
     print(
         f"scored {n_ok} {kind}(s), {n_bad} unreadable, {len(unsupported)} unsupported; "

@@ -33,9 +33,11 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from anogan_lightning.data import preprocess as pp  # noqa: E402
 from anogan_lightning.data.oct_volume import OCTVolumeDataModule  # noqa: E402
 from anogan_lightning.data.readers import read_volume  # noqa: E402
+from anogan_lightning.data.retina.normalize import flatten_crop, normalize_intensity, resample_x  # noqa: E402
+from anogan_lightning.data.retina.patches import extract_patches, random_patch_positions  # noqa: E402
+from anogan_lightning.data.retina.segment import BoundaryParams, detect_boundaries  # noqa: E402
 from anogan_lightning.data.synthetic_volume import make_volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,18 +70,18 @@ def time_preprocessing(paths: list[Path]) -> tuple[dict[str, float], dict[str, f
         marks = [(time.perf_counter(), time.process_time())]
         vol = read_volume(path)
         marks.append((time.perf_counter(), time.process_time()))
-        x = pp.normalize_intensity(vol.data)
-        x = pp.resample_x(x, vol.spacing[2], 22.0)
+        x = normalize_intensity(vol.data)
+        x = resample_x(x, vol.spacing[2], 22.0)
         marks.append((time.perf_counter(), time.process_time()))
-        params = pp.BoundaryParams().scaled(rows=x.shape[1] / 496, cols=11.5 / 22.0)
-        ilm, bm = pp.detect_boundaries(x, params)
+        params = BoundaryParams().scaled(rows=x.shape[1] / 496, cols=11.5 / 22.0)
+        ilm, bm = detect_boundaries(x, params)
         marks.append((time.perf_counter(), time.process_time()))
-        band, ilm_b, bm_b, _ = pp.flatten_crop(x, ilm, bm, CROP, BELOW)
+        band, ilm_b, bm_b, _ = flatten_crop(x, ilm, bm, CROP, BELOW)
         band = np.round((band + 1) * 127.5).astype(np.uint8)
         marks.append((time.perf_counter(), time.process_time()))
         for b in range(len(band)):
-            pos = pp.random_patch_positions(ilm_b[b], bm_b[b], CROP, SIZE, PER_BSCAN, rng)
-            pp.extract_patches(band[b], pos, SIZE).copy()
+            pos = random_patch_positions(ilm_b[b], bm_b[b], CROP, SIZE, PER_BSCAN, rng)
+            extract_patches(band[b], pos, SIZE).copy()
         marks.append((time.perf_counter(), time.process_time()))
         for i, key in enumerate(steps):
             wall[key] += marks[i + 1][0] - marks[i][0]

@@ -16,9 +16,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from anogan_lightning import pixel_eval
-from anogan_lightning.data import preprocess as pp
+from anogan_lightning.data.bscan.preprocessing import BScanPreprocessing
+from anogan_lightning.data.bscan.retina_windows import RetinaBScanDataset
 from anogan_lightning.data.bscan_folder import BScanFolderDataModule
-from anogan_lightning.data.kermany import KermanyDataModule, RetinaBScanDataset
+from anogan_lightning.data.kermany import KermanyDataModule
+from anogan_lightning.data.retina.normalize import RetinaNorm
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared/data"
@@ -59,7 +61,13 @@ def save(path: Path, a: np.ndarray) -> Path:
 
 
 S = 32
-RETINA = {"height": 32, "spacing_y_um": 7.74}
+RETINA = {"height": 32, "spacing_y_um": 7.74, "x_scale": 0.5}  # 248-row phantoms, half the columns
+
+
+def prep(**kw) -> BScanPreprocessing:
+    """S-pixel windows 16 apart on RETINA bands; ``kw`` on top."""
+    args = {"image_size": S, "retina": RetinaNorm(**RETINA), "window_stride": 16}
+    return BScanPreprocessing(**{**args, **kw})
 
 
 # ---------------------------------------------------------------- aggregation and AUPRO
@@ -128,8 +136,8 @@ def files(tmp_path: Path):
 
 def test_grid_windows_cover_every_band_and_failures_are_named(files):
     tmp, paths, masks = files
-    norm = pp.RetinaNorm(**RETINA)
-    ds = RetinaBScanDataset(paths, [0, 1, 0, 1, 0], ["N"] * 5, S, norm, "grid", masks, stride=16)
+    ds = prep().eval_dataset(paths, [0, 1, 0, 1, 0], ["N"] * 5, masks, None)
+    assert isinstance(ds, RetinaBScanDataset) and ds.mode == "grid" and ds.stride == 16
     with pytest.warns(UserWarning, match="blank.png: constant"):
         ds.preload("test")
     assert ds.n_skipped == 1 and len(ds.image_ids) == 4 and "blank" not in " ".join(ds.image_ids)
@@ -151,7 +159,7 @@ def test_grid_windows_cover_every_band_and_failures_are_named(files):
         assert not inside[0].any() and not inside[-1].any()  # margins above ILM and below BM
     cyst = ds.image_mask(1) > 0
     assert ds.image_retina(1)[cyst].mean() > 0.95
-    # map_region="retina" (the default): maps 0 outside ILM..BM, unchanged inside, NaN kept
+    # map_region="retina" (the default, prep()): maps 0 outside ILM..BM, unchanged inside, NaN kept
     maps[0, 0, 0] = np.nan
     kept = ds.restrict_maps(maps)
     assert np.isnan(kept[0, 0, 0]) and not np.isnan(maps).all()
@@ -167,29 +175,25 @@ def test_grid_windows_cover_every_band_and_failures_are_named(files):
     ds.map_region = "band"
     np.testing.assert_array_equal(ds.restrict_maps(maps), maps)
     with pytest.raises(ValueError, match="map_region='vitreous'"):
-        RetinaBScanDataset(paths, [0] * 5, ["N"] * 5, S, norm, "grid", map_region="vitreous")
+        prep(map_region="vitreous")
     item = ds[0]
     assert item["id"].endswith("s0.png:y0:x0") and item["coords"].tolist() == [0, 0, 0]
 
 
 def test_random_windows_move_and_cache_is_reused(files):
     tmp, paths, masks = files
-    norm = pp.RetinaNorm(**RETINA)
-    ds = RetinaBScanDataset(paths[:4], [0] * 4, ["N"] * 4, S, norm, "random", cache_dir=tmp / "c")
+    ds = prep().train_dataset(paths[:4], [0] * 4, ["N"] * 4, None, "random", tmp / "c")
     ds.preload()
     assert len(ds) == 4 and len(list((tmp / "c").glob("*.npz"))) == 1
     torch.manual_seed(0)
     xs = {int(ds[3]["coords"][2]) for _ in range(10)}
     assert len(xs) > 3
-    again = RetinaBScanDataset(
-        paths[:4], [0] * 4, ["N"] * 4, S, norm, "random", cache_dir=tmp / "c"
-    )
+    again = prep().train_dataset(paths[:4], [0] * 4, ["N"] * 4, None, "random", tmp / "c")
     again.preload()
     np.testing.assert_array_equal(again.image(2), ds.image(2))
     np.testing.assert_array_equal(again.image_retina(2), ds.image_retina(2))  # cached too
-    other = RetinaBScanDataset(
-        paths[:4], [0] * 4, ["N"] * 4, S, pp.RetinaNorm(height=48), "random", cache_dir=tmp / "c"
-    )
+    taller = prep(retina=RetinaNorm(**{**RETINA, "height": 48}))
+    other = taller.train_dataset(paths[:4], [0] * 4, ["N"] * 4, None, "random", tmp / "c")
     other.preload()  # another setting: another cache entry
     assert len(list((tmp / "c").glob("*.npz"))) == 2 and other.image(0).shape[0] == 48
 
@@ -202,7 +206,7 @@ def test_thickness_score_rises_with_a_local_swelling(tmp_path: Path):
         save(tmp_path / f"{name}.png", scan(thickness=t, pit=0, swelling=s)[0])
         for name, (t, s) in shapes.items()
     ]
-    ds = RetinaBScanDataset(paths, [0, 1, 1], ["N", "F", "F"], S, pp.RetinaNorm(**RETINA))
+    ds = prep().eval_dataset(paths, [0, 1, 1], ["N", "F", "F"], None, None)
     ds.preload()
     t = ds.thickness_scores()
     assert t.shape == (3,) and torch.isfinite(t).all()
@@ -213,7 +217,7 @@ def test_thickness_score_rises_with_a_local_swelling(tmp_path: Path):
 def test_mask_of_another_size_is_an_error_naming_it(files):
     tmp, paths, _ = files
     wrong = save(tmp / "mask/wrong.png", np.zeros((10, 10), np.uint8))
-    ds = RetinaBScanDataset(paths[:1], [1], ["DME"], S, pp.RetinaNorm(**RETINA), masks=[wrong])
+    ds = prep().eval_dataset(paths[:1], [1], ["DME"], [wrong], None)
     with pytest.warns(UserWarning, match="mask .*wrong.png is 10x10"):
         ds.preload()
     assert ds.n_skipped == 1
@@ -239,7 +243,9 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _module(root: Path, **kw) -> BScanFolderDataModule:
-    args = dict(image_size=S, retina=RETINA, batch_size=4, num_workers=0, window_stride=16)
+    args = dict(
+        image_size=S, retina=RETINA, batch_size=4, num_workers=0, window_stride=16, cache_dir=None
+    )
     return BScanFolderDataModule(str(root), **{**args, **kw})
 
 
@@ -294,11 +300,28 @@ def test_csv_with_own_column_names_test_only(folder: Path):
 
 def test_yaml_keys_are_constructor_args():
     cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/bscan_folder.yaml")
-    own = set(inspect.signature(BScanFolderDataModule).parameters) - {"kermany"}
-    shared = set(inspect.signature(KermanyDataModule).parameters)
-    assert set(cfg) - {"_target_"} == own | shared
-    k = OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml")
-    assert set(k) - {"_target_"} == shared
+    assert set(cfg) - {"_target_"} == set(inspect.signature(BScanFolderDataModule).parameters)
+    # data=kermany: the same keys (inherited), its own val_from (tests/test_data_kermany.py)
+    assert issubclass(KermanyDataModule, BScanFolderDataModule)
+
+
+def test_constructor_defaults_are_the_yaml_values():
+    """One default per setting: every default of the data module, of BScanPreprocessing and of
+    RetinaNorm is conf/data/bscan_folder.yaml's value (root and cache_dir have none)."""
+    cfg = OmegaConf.to_container(
+        OmegaConf.load(REPO / "anogan_lightning/conf/data/bscan_folder.yaml")
+    )
+    params = inspect.signature(BScanFolderDataModule).parameters
+    for name in ("root", "cache_dir"):
+        assert params[name].default is inspect.Parameter.empty, name
+    for name, p in params.items():
+        if name in ("root", "cache_dir", "retina"):
+            continue
+        d = list(p.default) if isinstance(p.default, tuple) else p.default
+        assert d == cfg[name], (name, d, cfg[name])
+    assert params["retina"].default is None  # RetinaNorm's defaults:
+    assert {k: RetinaNorm().key()[k] for k in cfg["retina"]} == cfg["retina"]
+    assert BScanPreprocessing.from_data_config(cfg) == BScanPreprocessing()
 
 
 @pytest.mark.skipif(not (SHARED / "duke-dme-fluid").is_dir(), reason="duke-dme-fluid absent")

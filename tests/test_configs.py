@@ -99,12 +99,11 @@ def test_method_configs_leave_input_size_and_length_to_their_groups():
 
 @pytest.mark.parametrize("data", ["kermany", "synthetic"])
 def test_every_method_gets_the_data_groups_image_size(data: str, tmp_path: Path):
-    from omegaconf import OmegaConf
-
-    default = OmegaConf.load(CONF / "data" / f"{data}.yaml").image_size
+    root = ["data.root=/data/OCT2017"] if data == "kermany" else []
+    # the group's own default (kermany.yaml inherits it from bscan_folder.yaml)
+    default = compose_cfg([f"data={data}", *root], tmp_path).data.image_size
     sizes = {}
     for method in METHODS:
-        root = ["data.root=/data/OCT2017"] if data == "kermany" else []
         cfg = compose_cfg([f"+method={method}", f"data={data}", *root], tmp_path)
         sizes[method] = (cfg.data.image_size, cfg.method.image_size)
     assert set(sizes.values()) == {(default, default)}, sizes

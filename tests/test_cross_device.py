@@ -124,7 +124,7 @@ def test_cross_device_experiment_composes_with_shared_roots(tmp_path: Path, monk
         keys = cfg.extra_test[name]
         dm = instantiate(data_cfg)
         assert isinstance(dm, BScanFolderDataModule), name
-        assert (dm.image_size, dm.resize) == (cfg.data.image_size, "retina")
+        assert (dm.image_size, dm.preprocessing.resize) == (cfg.data.image_size, "retina")
         shared = REPO.parent / "shared/data"
         if shared.is_dir():
             assert Path(keys.root).resolve() == (shared / Path(keys.root).name).resolve()

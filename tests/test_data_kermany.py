@@ -1,4 +1,5 @@
-"""KermanyDataModule: protocol splits on kermany-mini, bad input on tiny folders, resize policy."""
+"""KermanyDataModule (the crop policy): protocol splits on kermany-mini, bad input on tiny
+folders, the resize policy and its reader."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from anogan_lightning.data.base import collate_skip_none
-from anogan_lightning.data.kermany import (
-    KermanyDataModule,
-    KermanyDataset,
-    list_split,
-    patient_id,
-    read_image,
-    split_by_patient,
-)
+from anogan_lightning.data.bscan.crop import CropBScanDataset
+from anogan_lightning.data.bscan.io import read_image
+from anogan_lightning.data.bscan.preprocessing import BScanPreprocessing
+from anogan_lightning.data.bscan_folder import BScanFolderDataModule
+from anogan_lightning.data.kermany import KermanyDataModule, list_split
+from anogan_lightning.data.splits import patient_id, split_by_patient
 from anogan_lightning.data.transforms import (
     crop_square,
     fit_height,
@@ -34,11 +35,32 @@ from anogan_lightning.data.transforms import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_data(name: str):
+    """The ``data`` node of the training config with ``data=<name>`` (defaults lists resolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "anogan_lightning/conf"), version_base="1.3"):
+        return compose("train", overrides=[f"data={name}"]).data
+
+
 MINI = Path(__file__).resolve().parents[2] / "shared/data/kermany-mini"
 needs_mini = pytest.mark.skipif(
     not MINI.is_dir(), reason=f"kermany-mini sample not found at {MINI}"
 )
 S = 32
+CROP = BScanPreprocessing(image_size=S, resize="crop")  # the whole-image policy
+
+
+def kermany(root: Path | str, **kw) -> KermanyDataModule:
+    """The module with the crop policy at image_size S, loading in this process, no cache."""
+    args = {"image_size": S, "resize": "crop", "num_workers": 0, "cache_dir": None}
+    return KermanyDataModule(str(root), **{**args, **kw})
+
+
+def read(path: Path, size: int = 64, flatten: bool = False, fill_white: bool = True):
+    """read_image with the crop policy; fill on, flattening off unless asked."""
+    return read_image(path, size, "crop", flatten, fill_white)
 
 
 # ---------------------------------------------------------------- kermany-mini
@@ -47,7 +69,7 @@ S = 32
 @pytest.fixture(scope="module")
 def mini():
     """Preloaded module at image_size 32 with the default protocol, and its setup warnings."""
-    dm = KermanyDataModule(str(MINI), image_size=S, batch_size=16)
+    dm = kermany(MINI, batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dm.setup("fit")
@@ -119,7 +141,7 @@ def test_mini_split_is_seeded(mini):
     dm, _ = mini
 
     def split(seed: int) -> tuple[list[str], list[str]]:
-        lazy = KermanyDataModule(str(MINI), image_size=S, preload=False, seed=seed)
+        lazy = kermany(MINI, preload=False, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lazy.setup("fit")
@@ -133,7 +155,7 @@ def test_mini_split_is_seeded(mini):
 @needs_mini
 def test_mini_lazy_items_equal_preloaded(mini):
     dm, _ = mini
-    lazy = KermanyDataModule(str(MINI), image_size=S, preload=False)
+    lazy = kermany(MINI, preload=False)
     lazy.setup("test")
     for i in (0, 123, 251, 499):
         a, b = dm.test_set[i], lazy.test_set[i]
@@ -181,7 +203,7 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def test_tiny_fit_and_test(tiny: Path):
-    dm = KermanyDataModule(str(tiny), image_size=S, val_normal=2, val_abnormal=1, batch_size=4)
+    dm = kermany(tiny, val_normal=2, val_abnormal=1, batch_size=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within the caps: no warning
         dm.setup("fit")
@@ -203,8 +225,8 @@ def test_colour_image_is_grayscale(tmp_path: Path):
     red[..., 0] = 255  # ITU-R 601-2 luma of pure red: 255 * 299 / 1000 = 76
     png = _save(tmp_path / "red.png", red)
     jpg = _save(tmp_path / "red.jpeg", red)
-    ds = KermanyDataset([png, jpg], [0, 0], ["NORMAL"] * 2, image_size=S)
-    assert read_image(png, S).ndim == 2
+    ds = CropBScanDataset([png, jpg], [0, 0], ["NORMAL"] * 2, CROP, "center")
+    assert read(png, S).ndim == 2
     assert torch.allclose(ds[0]["x"], torch.full((1, S, S), 76 / 127.5 - 1))
     assert torch.allclose(ds[1]["x"], torch.full((1, S, S), 76 / 127.5 - 1), atol=3 / 127.5)
 
@@ -220,7 +242,7 @@ def _add_corrupt(root: Path) -> list[Path]:
 
 def test_corrupt_skipped_when_preloading(tiny: Path):
     bad = _add_corrupt(tiny)
-    dm = KermanyDataModule(str(tiny), image_size=S, val_normal=0, val_abnormal=0)
+    dm = kermany(tiny, val_normal=0, val_abnormal=0)
     with pytest.warns(UserWarning) as record:
         dm.setup()
     messages = [str(w.message) for w in record]
@@ -235,7 +257,7 @@ def test_corrupt_skipped_when_preloading(tiny: Path):
 
 def test_corrupt_skipped_lazily(tiny: Path):
     bad = _add_corrupt(tiny)
-    dm = KermanyDataModule(str(tiny), image_size=S, preload=False, val_normal=0, val_abnormal=0)
+    dm = kermany(tiny, preload=False, val_normal=0, val_abnormal=0)
     dm.setup("test")
     assert len(dm.test_set) == 5 and dm.n_skipped == 0
     i = dm.test_set.paths.index(bad[1])
@@ -252,10 +274,10 @@ def test_corrupt_skipped_lazily(tiny: Path):
 
 def test_val_from_val_folder(tiny: Path):
     with pytest.raises(FileNotFoundError, match=str(tiny / "val")):
-        KermanyDataModule(str(tiny), image_size=S, val_from="val").setup("fit")
+        kermany(tiny, val_from="val").setup("fit")
     _save(tiny / "val/NORMAL/NORMAL-1-9.jpeg", _scan())
     _save(tiny / "val/DRUSEN/DRUSEN-4-1.jpeg", _scan())
-    dm = KermanyDataModule(str(tiny), image_size=S, val_from="val", preload=False)
+    dm = kermany(tiny, val_from="val", preload=False)
     dm.setup("fit")
     assert len(dm.train_set) == 6  # every NORMAL scan of train/
     assert dm.val_set.classes == ["DRUSEN", "NORMAL"] and dm.val_set.labels.tolist() == [1, 0]
@@ -264,7 +286,7 @@ def test_val_from_val_folder(tiny: Path):
 def test_missing_root_and_split_folders(tmp_path: Path, tiny: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        KermanyDataModule(str(missing)).setup("fit")
+        kermany(missing).setup("fit")
     (tiny / "test/DME/DME-9-1.jpeg").unlink()
     (tiny / "test/DME").rmdir()
     for p in (tiny / "test").rglob("*"):
@@ -274,44 +296,56 @@ def test_missing_root_and_split_folders(tmp_path: Path, tiny: Path):
         d.rmdir()
     (tiny / "test").rmdir()
     with pytest.raises(FileNotFoundError, match=str(tiny / "test")):
-        KermanyDataModule(str(tiny), preload=False).setup("test")
+        kermany(tiny, preload=False).setup("test")
     with pytest.raises(FileNotFoundError, match=str(tiny / "test")):  # fit fails before training
-        KermanyDataModule(str(tiny), preload=False).setup("fit")
+        kermany(tiny, preload=False).setup("fit")
     (tiny / "train").rename(tiny / "training")
     with pytest.raises(FileNotFoundError, match=str(tiny / "train")):
-        KermanyDataModule(str(tiny), preload=False).setup("validate")
+        kermany(tiny, preload=False).setup("validate")
 
 
 def test_empty_class_folder_and_no_normal(tiny: Path):
     (tiny / "test/DRUSEN").mkdir()
     (tiny / "test/DRUSEN/readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=str(tiny / "test/DRUSEN")):
-        KermanyDataModule(str(tiny), preload=False).setup("test")
+        kermany(tiny, preload=False).setup("test")
     for p in (tiny / "train/NORMAL").iterdir():
         p.unlink()
     with pytest.raises(ValueError, match=str(tiny / "train/NORMAL")):
         list_split(tiny / "train")
     (tiny / "train/NORMAL").rmdir()
     with pytest.raises(ValueError, match=f"no NORMAL images in {tiny / 'train'}"):
-        KermanyDataModule(str(tiny), preload=False).setup("validate")
+        kermany(tiny, preload=False).setup("validate")
 
 
 def test_bad_options():
     for kwargs in ({"resize": "stretch"}, {"train_crop": "left"}, {"val_from": "test"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
-            KermanyDataModule("/data", **kwargs)
+            kermany("/data", **kwargs)
 
 
 def test_yaml_keys_are_constructor_args(tiny: Path):
-    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml")
+    """conf/data/kermany.yaml: bscan_folder.yaml's keys (inherited, none copied) with its own
+    _target_ and val_from."""
+    own = OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml")
+    assert set(own) == {"defaults", "_target_", "val_from"}
+    cfg = compose_data("kermany")
     assert OmegaConf.is_missing(cfg, "root")
-    params = set(inspect.signature(KermanyDataModule).parameters)
+    params = set(inspect.signature(BScanFolderDataModule).parameters)
     assert set(cfg) - {"_target_"} == params
+    assert set(inspect.signature(KermanyDataModule).parameters) == {
+        "root",
+        "val_from",
+        "bscan_folder",
+    }
+    assert cfg.val_from == "train" and cfg.csv is None
     # the default since retina windows beat the crop on Kermany test (experiments/README.md)
     assert cfg.resize == "retina"
     dm = instantiate(cfg, root=str(tiny), preload=False, resize="crop", cache_dir=None)
     assert isinstance(dm, KermanyDataModule)
     assert (dm.batch_size, dm.num_workers, dm.val_normal, dm.val_abnormal) == (64, 2, 1000, 3000)
+    with pytest.raises(ValueError, match="data=bscan_folder"):
+        kermany(tiny, csv="list.csv")
 
 
 # ---------------------------------------------------------------- split logic
@@ -371,8 +405,8 @@ def test_centre_crop_ignores_width(tmp_path: Path):
     wide, narrow = _vertical_pattern(1536), _vertical_pattern(512)
     a, b = crop_square(fit_height(wide, 64)), crop_square(fit_height(narrow, 64))
     assert a.shape == (64, 64) and np.array_equal(a, b)
-    fa = read_image(_save(tmp_path / "wide.jpeg", wide), 64)  # reduced-scale JPEG decode
-    fb = read_image(_save(tmp_path / "narrow.jpeg", narrow), 64)
+    fa = read(_save(tmp_path / "wide.jpeg", wide))  # reduced-scale JPEG decode
+    fb = read(_save(tmp_path / "narrow.jpeg", narrow))
     assert fa.shape == (64, 198) and fb.shape == (64, 66)
     assert np.array_equal(crop_square(fa), crop_square(fb))
     # squash does not: the same anatomy comes out differently at different widths
@@ -424,8 +458,8 @@ def test_random_crop_moves_centre_crop_does_not(tmp_path: Path):
     ramp = np.tile(np.linspace(0, 255, 1536).astype(np.uint8), (496, 1))
     path = _save(tmp_path / "NORMAL-1-1.png", ramp)
     torch.manual_seed(0)
-    rand = KermanyDataset([path], [0], ["NORMAL"], image_size=S, crop="random")
-    centre = KermanyDataset([path], [0], ["NORMAL"], image_size=S, crop="center")
+    rand = CropBScanDataset([path], [0], ["NORMAL"], CROP, "random")
+    centre = CropBScanDataset([path], [0], ["NORMAL"], CROP, "center")
     rand.preload()
     crops = {rand[0]["x"].mean().item() for _ in range(10)}
     assert len(crops) > 5
@@ -444,12 +478,12 @@ def test_to_unit_range_and_bad_crop():
 
 @needs_mini
 def test_mini_flatten_option():
-    """data.flatten=true flattens each scan before the resize (real B-scans)."""
+    """data.crop_flatten=true flattens each scan before the resize (real B-scans)."""
     path = sorted((MINI / "train/NORMAL").glob("NORMAL-*"))[0]
-    flat = read_image(path, 64, flatten=True)
-    plain = read_image(path, 64)
+    flat = read(path, flatten=True)
+    plain = read(path)
     assert flat.shape == plain.shape and not np.array_equal(flat, plain)
-    dm = KermanyDataModule(str(MINI), image_size=S, preload=False, flatten=True)
+    dm = kermany(MINI, preload=False, crop_flatten=True)
     dm.setup("test")
     assert dm.test_set.flatten and dm.test_set[0]["x"].shape == (1, S, S)
 
@@ -462,24 +496,26 @@ def test_registration_fill_becomes_background(tmp_path: Path):
     wedge = rows < 120 - cols * 0.4  # top-left triangle, as registration leaves it
     a[wedge] = 255
     path = _save(tmp_path / "NORMAL-1-1.png", a)
-    plain = read_image(path, 64, fill_white=False)
-    filled = read_image(path, 64, fill_white=True)
+    plain = read(path, fill_white=False)
+    filled = read(path, fill_white=True)
     assert plain[:5, :5].min() > 240  # the wedge survives a plain resize
     assert filled.max() < 130 and filled[:5, :5].max() < 60
     np.testing.assert_array_equal(filled[-20:], plain[-20:])  # the rest is untouched
-    np.testing.assert_array_equal(read_image(path, 64), filled)  # filling is the default
+    default = BScanPreprocessing(image_size=64, resize="crop")  # filling is the default
+    np.testing.assert_array_equal(
+        CropBScanDataset([path], [0], ["N"], default, "center").strip(0), filled
+    )
 
 
 def test_fill_white_has_one_default():
-    """read_image, the dataset, the DataModule and conf/data/kermany.yaml share one default."""
-    from anogan_lightning.data import kermany
-
-    for fn in (kermany.read_image, kermany.KermanyDataset, kermany.KermanyDataModule):
-        assert inspect.signature(fn).parameters["fill_white"].default is kermany.FILL_WHITE, fn
-    assert (
-        OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml").fill_white
-        is kermany.FILL_WHITE
-    )
+    """BScanPreprocessing, the data module and conf/data/bscan_folder.yaml (which kermany.yaml
+    inherits) share one default; the reader and the datasets take none (the preprocessing's)."""
+    default = inspect.signature(BScanFolderDataModule).parameters["fill_white"].default
+    assert default is BScanPreprocessing().fill_white is True
+    assert compose_data("bscan_folder").fill_white is default
+    assert compose_data("kermany").fill_white is default
+    assert inspect.signature(read_image).parameters["fill_white"].default is inspect.Parameter.empty
+    assert "fill_white" not in inspect.signature(CropBScanDataset).parameters
 
 
 @needs_mini
@@ -487,7 +523,7 @@ def test_mini_scans_with_fill_are_cleaned():
     files = sorted((MINI / "test/CNV").glob("*.jpg"))[:60]
     cleaned = 0
     for f in files:
-        plain, filled = read_image(f, 64, fill_white=False), read_image(f, 64, fill_white=True)
+        plain, filled = read(f, fill_white=False), read(f, fill_white=True)
         if (plain >= 250).mean() > 0.01:
             assert (filled >= 250).mean() < 0.2 * (plain >= 250).mean(), f
             cleaned += 1

@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from anogan_lightning.data import preprocess as pp
 from anogan_lightning.data import volume_cache
 from anogan_lightning.data.oct_volume import OCTVolumeDataModule
 from anogan_lightning.data.patch_dataset import PatchDataset
@@ -154,7 +153,7 @@ def test_cache_hit_skips_segmentation_and_changed_setting_rebuilds(tmp_path, mon
     def no_segmentation(*args, **kwargs):
         raise AssertionError("segmentation ran on a cache hit")
 
-    monkeypatch.setattr(pp, "detect_boundaries", no_segmentation)
+    monkeypatch.setattr(volume_cache, "detect_boundaries", no_segmentation)
     second = _dm(root, tmp_path / "cache")  # a second run: everything from the cache
     second.setup()
     assert second.cache_stats["volumes_built"] == 0 and second.cache_stats["splits_built"] == 0

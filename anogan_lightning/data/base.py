@@ -80,6 +80,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def check(self, stage: str | None = None) -> dict[str, int]:
+        """Cheap validation before :meth:`setup` (before training): list what ``stage`` needs
+        without reading it, raising FileNotFoundError / ValueError that names a missing path;
+        the number of samples per split found. Data made in memory has nothing to list: {}."""
+        return {}
+
     def _loader(self, ds: Dataset | None, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: the {name} split is not set up")

@@ -1,10 +1,14 @@
 """Plumbing of the on-disk caches (:mod:`~anogan_lightning.data.volume_cache`,
-:mod:`~anogan_lightning.data.patch_cache`): content keys and atomic folder writes.
+:mod:`~anogan_lightning.data.patch_cache`, the normalised bands of
+:class:`~anogan_lightning.data.bscan.retina_windows.RetinaBScanDataset`): content keys and
+atomic folder writes.
 
-A cache entry is a folder named by a digest of everything that determines its content (files
-by resolved path, size and mtime; settings by value). It is written to a temporary folder and
-renamed into place, so concurrent runs never see a half-written entry; an entry is complete
-when its ``meta.json`` exists.
+One key scheme: an entry is named by the :func:`digest` of everything that determines its
+content: its files by :func:`file_signature` (resolved path, size and mtime), its settings by
+value, and :data:`CACHE_VERSION`, the version of the preprocessing code, so that a change of
+the code cannot serve an entry it would no longer write. A folder entry is written to a
+temporary folder and renamed into place, so concurrent runs never see a half-written entry; it
+is complete when its ``meta.json`` exists.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+#: Bump when the preprocessing code (data/retina: segmentation, normalisation, patches; the
+#: band quantisation of data/bscan/retina_windows.py; data/volume_cache.py) changes what a
+#: cached entry holds: every cache key includes it, so no run reads an entry of older code.
+CACHE_VERSION = 1
 
 
 def digest(obj) -> str:

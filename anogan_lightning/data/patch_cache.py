@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from anogan_lightning.data import preprocess as pp
-from anogan_lightning.data.cache_files import digest, write_atomic
-from anogan_lightning.data.volume_cache import CACHE_VERSION
+from anogan_lightning.data.cache_files import CACHE_VERSION, digest, write_atomic
+from anogan_lightning.data.retina.patches import (
+    extract_patches,
+    grid_patch_positions,
+    patch_labels,
+    random_patch_positions,
+)
 
 
 def _volume_rng(seed: int, volume_dir: Path) -> np.random.Generator:
@@ -44,10 +48,9 @@ def _positions(
 ) -> list[np.ndarray]:
     if mode == "random":
         return [
-            pp.random_patch_positions(ilm[b], bm[b], height, size, count, rng)
-            for b in range(len(ilm))
+            random_patch_positions(ilm[b], bm[b], height, size, count, rng) for b in range(len(ilm))
         ]
-    return [pp.grid_patch_positions(ilm[b], bm[b], height, size, stride) for b in range(len(ilm))]
+    return [grid_patch_positions(ilm[b], bm[b], height, size, stride) for b in range(len(ilm))]
 
 
 def build_patch_cache(
@@ -111,13 +114,13 @@ def build_patch_cache(
             )
             for b, p in enumerate(pos):
                 j = i + len(p)
-                x[i:j] = pp.extract_patches(np.asarray(band[b]), p, size)
+                x[i:j] = extract_patches(np.asarray(band[b]), p, size)
                 if mode == "grid":
                     if mask is not None:
                         mb = np.asarray(mask[b])
-                        labels[i:j] = pp.patch_labels(mb, p, size)
+                        labels[i:j] = patch_labels(mb, p, size)
                         if m is not None:
-                            m[i:j] = pp.extract_patches(mb, p, size)
+                            m[i:j] = extract_patches(mb, p, size)
                     else:
                         labels[i:j] = meta["label"]
                 coords[i:j, 0] = image

@@ -1,6 +1,7 @@
 """Pure image functions for OCT B-scans: PIL image or uint8 array in, numpy array out.
 
-Two resize policies (see :mod:`anogan_lightning.data.kermany` for why ``crop`` is the default):
+The whole-image resize policies of :mod:`anogan_lightning.data.bscan.crop` (the configs' default,
+``resize=retina``, normalises the retina instead: :mod:`anogan_lightning.data.bscan.retina_windows`):
 
 - ``crop``: :func:`fit_height` scales to a fixed height keeping the aspect ratio, giving a uint8
   strip (S, W'); :func:`crop_square` then cuts an (S, S) window from it, padding strips narrower

@@ -1,5 +1,5 @@
 """The prepared-volume cache: each OCT volume read, normalised, resampled, segmented, flattened
-and cropped once (:mod:`anogan_lightning.data.preprocess`), then kept on disk.
+and cropped once (:mod:`anogan_lightning.data.retina`), then kept on disk.
 
 Preprocessing per volume: intensities to [-1, 1] (per-volume percentiles), columns resampled
 to ``target_spacing_x_um`` (22 µm as in the AnoGAN paper; ``None`` keeps them), ILM/BM
@@ -22,12 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from anogan_lightning.data import preprocess as pp
-from anogan_lightning.data.cache_files import digest, file_signature, write_atomic
+from anogan_lightning.data.cache_files import CACHE_VERSION, digest, file_signature, write_atomic
 from anogan_lightning.data.readers import read_mask, read_volume, resolve_spacing_x
+from anogan_lightning.data.retina.normalize import (
+    flatten_crop,
+    normalize_intensity,
+    resample_mask_x,
+    resample_x,
+    shift_columns,
+)
+from anogan_lightning.data.retina.segment import BoundaryParams, detect_boundaries
 from anogan_lightning.data.volume_sources import VolumeSource
 
-CACHE_VERSION = 1  # bump when preprocessing changes what a cached volume or patch set holds
 REFERENCE_SPACING_X_UM = 11.5  # column spacing of the BoundaryParams reference B-scan
 
 
@@ -54,18 +60,18 @@ def prepare_volume(src: VolumeSource, s: PrepSettings) -> dict[str, np.ndarray |
     """
     vol = read_volume(src.path)
     n, h, w = vol.data.shape
-    x = pp.normalize_intensity(vol.data, s.intensity_percentiles)
+    x = normalize_intensity(vol.data, s.intensity_percentiles)
     mask = read_mask(src.mask, vol.data.shape) if src.mask is not None else None
     spacing_x = None
     if s.target_spacing_x_um is not None:
         spacing_x = resolve_spacing_x(vol, s.spacing_x_um)
-        x = pp.resample_x(x, spacing_x, s.target_spacing_x_um)
+        x = resample_x(x, spacing_x, s.target_spacing_x_um)
         if mask is not None:
-            mask = pp.resample_mask_x(mask, x.shape[-1])
+            mask = resample_mask_x(mask, x.shape[-1])
     col_um = s.target_spacing_x_um or vol.spacing[2] or s.spacing_x_um or REFERENCE_SPACING_X_UM
-    params = pp.BoundaryParams().scaled(rows=h / 496, cols=REFERENCE_SPACING_X_UM / col_um)
-    ilm, bm = pp.detect_boundaries(x, params)
-    band, ilm_b, bm_b, shifts = pp.flatten_crop(x, ilm, bm, s.crop_height, s.below_bm, s.flatten)
+    params = BoundaryParams().scaled(rows=h / 496, cols=REFERENCE_SPACING_X_UM / col_um)
+    ilm, bm = detect_boundaries(x, params)
+    band, ilm_b, bm_b, shifts = flatten_crop(x, ilm, bm, s.crop_height, s.below_bm, s.flatten)
     out: dict = {
         "band": np.round((band + 1.0) * 127.5).astype(np.uint8),
         "ilm": np.clip(ilm_b, -32768, 32767).astype(np.int16),
@@ -73,7 +79,7 @@ def prepare_volume(src: VolumeSource, s: PrepSettings) -> dict[str, np.ndarray |
     }
     lesion_voxels = kept_voxels = 0
     if mask is not None:
-        out["mask"] = pp.shift_columns(mask, shifts, s.crop_height)
+        out["mask"] = shift_columns(mask, shifts, s.crop_height)
         lesion_voxels, kept_voxels = int(mask.sum()), int(out["mask"].sum())
     label = src.label if src.label is not None else int(lesion_voxels > 0)
     out["meta"] = {
