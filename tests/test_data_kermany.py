@@ -476,7 +476,10 @@ def test_fill_white_has_one_default():
 
     for fn in (kermany.read_image, kermany.KermanyDataset, kermany.KermanyDataModule):
         assert inspect.signature(fn).parameters["fill_white"].default is kermany.FILL_WHITE, fn
-    assert OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml").fill_white is kermany.FILL_WHITE
+    assert (
+        OmegaConf.load(REPO / "anogan_lightning/conf/data/kermany.yaml").fill_white
+        is kermany.FILL_WHITE
+    )
 
 
 @needs_mini

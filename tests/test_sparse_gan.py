@@ -383,7 +383,9 @@ def test_yaml_defaults_match_the_class_defaults():
     """conf/method/sparse_gan.yaml and SparseGAN() give the same reading (module docstring)."""
     from omegaconf import OmegaConf
 
-    yaml = OmegaConf.load(Path(__file__).parents[1] / "anogan_lightning/conf/method/sparse_gan.yaml").method
+    yaml = OmegaConf.load(
+        Path(__file__).parents[1] / "anogan_lightning/conf/method/sparse_gan.yaml"
+    ).method
     hp = SparseGAN(width=4, image_size=16).hparams
     for key in ("sparsity_mode", "lambda_lat", "lambda_sp", "decode_from", "alpha"):
         assert yaml[key] == hp[key], key
@@ -391,28 +393,16 @@ def test_yaml_defaults_match_the_class_defaults():
     assert hp.decode_from == "code"
 
 
-def test_sparse_gan_default_map_and_old_checkpoints_keep_the_aam(tmp_path):
-    """The default map is the reconstruction methods' (dark_z); a checkpoint saved before the
-    choice existed keeps the AAM it was evaluated with."""
+def test_sparse_gan_default_map_and_the_aam(tmp_path):
+    """The default map is the reconstruction methods' (dark_z); map=aam is the paper's
+    Anomaly Activation Map (eq. 8) of G_en(x) and E(G(x))."""
     from anogan_lightning.scoring import DEFAULT_MAP
 
-    model = SparseGAN(width=4, image_size=32)
-    assert model.hparams.map == DEFAULT_MAP
-    path = tmp_path / "old.ckpt"
-    hparams = {k: v for k, v in model.hparams.items() if k not in ("map", "map_sigma")}
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": hparams,
-            "pytorch-lightning_version": "2.4.0",
-        },
-        path,
-    )
-    old = SparseGAN.load_from_checkpoint(path).eval()
-    assert old.hparams.map == "aam"
+    assert SparseGAN(width=4, image_size=32).hparams.map == DEFAULT_MAP
+    model = SparseGAN(width=4, image_size=32, map="aam").eval()
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
-        out = old.score({"x": x})
-        h_in = old.generator.encoder(x)
-        h_re = old.generator.encoder(old.generator.decoder(h_in))
+        out = model.score({"x": x})
+        h_in = model.generator.encoder(x)
+        h_re = model.generator.encoder(model.generator.decoder(h_in))
     torch.testing.assert_close(out["amap"], anomaly_activation_map(h_in, h_re, (32, 32)))

@@ -186,7 +186,7 @@ def test_per_class_auroc_and_cis_through_the_entry_point(tmp_path: Path):
     plus that class, computed from scores.csv; every AUROC has a CI around it."""
     import csv
 
-    from anogan_lightning import evaluation
+    from anogan_lightning.evaluation import metrics
 
     results = run(compose_cfg(tiny_overrides("autoencoder"), tmp_path))
     with open(tmp_path / "scores.csv") as fh:
@@ -205,7 +205,7 @@ def test_per_class_auroc_and_cis_through_the_entry_point(tmp_path: Path):
         sub = [r for r in rows if r["class"] in ("normal", name)]
         scores = torch.tensor([float(r["score"]) for r in sub])
         labels = torch.tensor([int(r["label"]) for r in sub])
-        expected = evaluation.auroc(scores, labels)
+        expected = metrics.auroc(scores, labels)
         assert results[f"test/auroc/{name}"] == pytest.approx(expected, abs=1e-6)
         assert (
             results[f"test/auroc/{name}_ci_low"]

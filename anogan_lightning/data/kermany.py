@@ -368,13 +368,13 @@ class RetinaBScanDataset(Dataset):
     window, ``stride`` apart and flush with the band's edges, one item each). Items: ``x``
     (1, S, S) in [-1, 1], ``label`` and ``id`` (grid: ``"<file>:y<row>:x<col>"``), ``coords``
     (3,) = (B-scan index, y, x) and ``mask`` (1, S, S) where the scans have masks. Grid windows
-    are scored one by one and aggregated into a B-scan score by the method's base class
-    (``aggregate``: max, mean, the mean of the ``top_k`` highest, or ``map_retina``: the mean
-    of the stitched map over the retina, :func:`anogan_lightning.pixel_eval.retina_map_scores`)
-    and their maps stitched into one map per B-scan
-    (:class:`anogan_lightning.pixel_eval.Stitcher`, through ``image_shapes``, ``image_ids``,
-    :meth:`image`, :meth:`image_mask`), set to 0 outside the retina by :meth:`restrict_maps`
-    when ``map_region="retina"``.
+    are scored one by one and aggregated into a B-scan score by the evaluation (``aggregate``:
+    max, mean, the mean of the ``top_k`` highest, or ``map_retina``: the mean of the stitched
+    map over the retina; :func:`anogan_lightning.evaluation.stitch.window_to_bscan`) and their
+    maps stitched into one map per B-scan (:class:`anogan_lightning.evaluation.stitch.Stitcher`),
+    set to 0 outside the retina by :meth:`restrict_maps` when ``map_region="retina"``. What the
+    evaluation reads (``image_shapes``, ``window_counts``, :meth:`image`, :meth:`image_mask`,
+    ...) is :class:`anogan_lightning.evaluation.protocol.WindowedBScans`.
 
     Every scan is normalised once by :meth:`preload` (threads; kept as uint8 bands, or read
     from ``cache_dir`` when the files and settings are unchanged). A scan that fails (unreadable,
@@ -414,7 +414,7 @@ class RetinaBScanDataset(Dataset):
         self.retina = retina
         self.mode = mode
         self.stride = stride or max(1, image_size // 2)
-        self.aggregate = aggregate if mode == "grid" else None  # read by AnomalyModule
+        self.aggregate = aggregate if mode == "grid" else None  # read by the evaluation
         self.top_k = top_k
         self.map_region = map_region
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -534,6 +534,12 @@ class RetinaBScanDataset(Dataset):
     @property
     def image_labels(self) -> torch.Tensor:
         return self.labels
+
+    @property
+    def window_counts(self) -> np.ndarray:
+        """(n_images,) int64: grid windows per B-scan (``mode="grid"``; else zeros)."""
+        self._require()
+        return np.bincount(self._windows[:, 0], minlength=len(self.paths)).astype(np.int64)
 
     @property
     def image_shapes(self) -> np.ndarray:
