@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from anogan_lightning.evaluation.collector import NOT_SCORED
 from anogan_lightning.evaluation.metrics import is_ci
 
 TABLE_KEYS = (
@@ -42,9 +43,20 @@ def write_results(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
+def not_scored(results: dict) -> list[str]:
+    """``<split>: <reason>`` for each test split (``test``, ``test_<name>``) of a results dict
+    that could not be scored (``<split>/status: not_scored``)."""
+    return [
+        f"{k.split('/')[0]}: {results.get(k.replace('/status', '/reason'), '')}"
+        for k, v in results.items()
+        if k.startswith("test") and k.endswith("/status") and v == NOT_SCORED
+    ]
+
+
 def read_finished(out_dir: Path) -> dict | None:
     """The results of a run that already finished in ``out_dir`` (its ``results.json`` has a
-    test AUROC, or says the training was incomplete, which a rerun would repeat), else None."""
+    test AUROC and no test split left unscored, or says the training was incomplete, which a
+    rerun would repeat), else None."""
     f = out_dir / "results.json"
     if not f.is_file():
         return None
@@ -54,7 +66,7 @@ def read_finished(out_dir: Path) -> dict | None:
         return None
     if results.get("status") == "incomplete":
         return results
-    return results if "test/auroc" in results else None
+    return results if "test/auroc" in results and not not_scored(results) else None
 
 
 def write_scores(path: Path, record: dict) -> None:

@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anogan_lightning import artefacts, available_methods, extras, provenance, runtime
 from anogan_lightning.evaluation import figures, metrics
-from anogan_lightning.evaluation.collector import NOT_SCORED
 from anogan_lightning.methods.base import DivergenceError, check_format
 
 log = logging.getLogger("anogan_lightning")
@@ -198,16 +197,6 @@ def _extra_tests(extra: dict, model, trainer: pl.Trainer) -> dict[str, tuple[dic
     return out
 
 
-def not_scored(results: dict) -> list[str]:
-    """``<split>: <reason>`` for each test split (``test``, ``test_<name>``) of ``results`` that
-    could not be scored."""
-    return [
-        f"{k.split('/')[0]}: {results.get(k.replace('/status', '/reason'), '')}"
-        for k, v in results.items()
-        if k.startswith("test") and k.endswith("/status") and v == NOT_SCORED
-    ]
-
-
 def run(cfg: DictConfig) -> dict:
     """Fit, validate, test and write artefacts; returns the flat results dict."""
     t_start = time.perf_counter()
@@ -318,7 +307,7 @@ def run(cfg: DictConfig) -> dict:
         results["time/extra_test_s"] = time.perf_counter() - t0
     results["time/total_s"] = time.perf_counter() - t_start
     results.update(provenance.flatten(provenance.data(datamodule, model.data_config)))
-    failed = not_scored(results)
+    failed = artefacts.not_scored(results)
     if not trainer.is_global_zero:
         if failed:
             raise SystemExit(f"error: not scored: {'; '.join(failed)}")

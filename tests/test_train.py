@@ -266,6 +266,12 @@ def test_a_one_class_test_split_is_not_scored_and_the_run_fails_after_its_files(
         assert f"{split}/auroc" not in results
     assert len((tmp_path / "scores.csv").read_text().splitlines()) == 1 + 32
     assert "| status | not_scored: only normal images (32)" in capsys.readouterr().out
+    from anogan_lightning.artefacts import read_finished
+
+    assert read_finished(tmp_path) is None  # a failed run: skip_finished reruns it
+    extra_failed = {"test/auroc": 0.9, "test_duke/status": "not_scored", "test_duke/reason": "r"}
+    (tmp_path / "results.json").write_text(json.dumps(extra_failed))
+    assert read_finished(tmp_path) is None
 
 
 def _bscan_folder(root: Path) -> None:

@@ -56,10 +56,6 @@ class SplitEvaluation:
     record: dict = field(default_factory=dict)
     threshold: float | None = None
 
-    @property
-    def status(self) -> str:
-        return next((v for k, v in self.metrics.items() if k.endswith("/status")), NOT_SCORED)
-
 
 def eval_dataset(trainer, split: str):
     """The dataset behind the val (``split="val"``) or test loader of ``trainer`` (None outside
@@ -231,19 +227,16 @@ class Collector:
             )
         if status != NOT_SCORED and not image_metrics.has_both_classes(labels):
             only = "normal" if bool((labels == 0).all()) else "anomalous"
+            left_out = f" ({reason})" if status == PARTIAL else ""
             status = NOT_SCORED
-            reason = f"only {only} images ({len(labels)}): the AUROC needs both classes"
+            reason = f"only {only} images ({len(labels)}): the AUROC needs both classes{left_out}"
 
         out: dict = {}
         if status != NOT_SCORED:
-            out = image_metrics.evaluate(
-                scores,
-                labels,
-                split,
-                {**components, **references},
-                val_threshold,
-                classes,
-            )
+            scored = {**components, **references}
+            if columns is not None:  # the order of scores.csv
+                scored = {k: scored[k] for k in columns}
+            out = image_metrics.evaluate(scores, labels, split, scored, val_threshold, classes)
         pixel_rec = _pixel_record(buf, maps, keep)
         if pixel_rec is not None and pixel_rec["masks"].any():
             out.update(pixel.pixel_metrics(pixel_rec["maps"], pixel_rec["masks"], split))
