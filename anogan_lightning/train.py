@@ -84,6 +84,8 @@ def _log_to_loggers(
             import wandb
 
             run = lg.experiment
+            # the provenance again: the test splits' files are known now (logged before the fit)
+            run.config.update({"provenance": provenance.of(results)}, allow_val_change=True)
             numbers = {  # numbers only: provenance is in the config
                 k: v
                 for k, v in results.items()
