@@ -67,8 +67,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from anogan_lightning import pixel_eval, provenance
 from anogan_lightning import predict_volume as pv
+from anogan_lightning import provenance
 from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, walk_files
 from anogan_lightning.data.bscan.preprocessing import (
     BScanPreprocessing,
@@ -76,6 +76,7 @@ from anogan_lightning.data.bscan.preprocessing import (
 )
 from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
+from anogan_lightning.evaluation import figures, stitch
 from anogan_lightning.exported import EXPORT_SUFFIXES, load_exported
 from anogan_lightning.extras import MissingExtraError
 
@@ -193,36 +194,11 @@ def image_preprocessing(model, meta: dict) -> BScanPreprocessing:
     return prep
 
 
-def _heatmap(path: Path, x: torch.Tensor, amap: torch.Tensor, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
-    axes[0].imshow(x[0].numpy(), cmap="gray", vmin=-1, vmax=1)
-    axes[0].set_title("input", fontsize=8)
-    axes[1].imshow(x[0].numpy(), cmap="gray", vmin=-1, vmax=1)
-    axes[1].imshow(amap[0].numpy(), cmap="jet", alpha=0.45)
-    axes[1].set_title("anomaly map", fontsize=8)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _cell(v) -> str | int:
     """A CSV cell: floats to 8 significant digits, NaN and None empty."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     return f"{v:.8g}" if isinstance(v, float) else v
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 class Rows:
@@ -276,7 +252,7 @@ def _predict_retina(
             n_bad += 1
             continue
         loader = DataLoader(ds, batch_size=cfg.batch_size)
-        stitcher = pixel_eval.Stitcher(ds.image_shapes)
+        stitcher = stitch.Stitcher(ds.image_shapes)
         scores, comps = [], {n: [] for n in names}
         for batch in loader:
             with torch.inference_mode(not model.needs_grad_at_test):
@@ -286,27 +262,30 @@ def _predict_retina(
                 comps[n].append(res[n].detach().float().cpu())
             if "amap" in res:
                 stitcher.add(res["amap"].detach().float().cpu(), batch["coords"])
-        index = torch.zeros(len(ds), dtype=torch.long)  # every window is of B-scan 0
         amap = ds.restrict_maps(stitcher.maps()) if int(stitcher.count.sum()) else None
-        agg = pixel_eval.aggregate_windows
-        win_rule = "max" if rule == "map_retina" else rule
-        s = float(agg(torch.cat(scores), index, 1, win_rule, top_k)[0][0])
-        values = {
-            n: float(agg(torch.cat(v), index, 1, win_rule, top_k)[0][0]) for n, v in comps.items()
-        }
-        if rule == "map_retina":  # the mean of the stitched map over the retina
-            if amap is None:
-                raise ValueError("aggregate=map_retina needs an anomaly map; this model gives none")
-            s = float(pixel_eval.retina_map_scores(amap, [ds.image_retina(0)])[0])
+        bscan = stitch.window_to_bscan(  # as the B-scans of the training run's test split
+            torch.cat(scores),
+            {n: torch.cat(v) for n, v in comps.items()},
+            torch.zeros(len(ds), dtype=torch.long),  # every window is of B-scan 0
+            1,
+            rule,
+            top_k,
+            amap,
+            ds.image_retina,
+        )
+        if bscan.error is not None:
+            raise ValueError(bscan.error)
+        s = float(bscan.score[0])
+        values = {n: float(bscan.components[n][0]) for n in names}
         flag = None if math.isnan(threshold) else int(s >= threshold)
         rows.file(
             path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, patches=len(ds), **values
         )
         if cfg.heatmaps and amap is not None:
-            _heatmap(
-                out / "heatmaps" / f"{n_ok:06d}_{_safe(Path(path).stem)}.png",
-                torch.from_numpy(ds.image(0))[None],
-                torch.from_numpy(amap[0])[None],
+            figures.save_heatmap(
+                out / "heatmaps" / f"{n_ok:06d}_{figures.safe_name(Path(path).stem)}.png",
+                ds.image(0),
+                amap[0],
                 f"{path}\nscore {s:.4g} ({rule} of {len(ds)} windows)"
                 + ("" if flag is None else f" ({'anomalous' if flag else 'normal'})"),
             )
@@ -345,8 +324,8 @@ def _predict_images(model, files: list[Path], meta: dict, cfg, device, rows: Row
             comps = {n: float(res[n][i]) for n in names}
             rows.file(path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, **comps)
             if cfg.heatmaps and "amap" in res:
-                _heatmap(
-                    out / "heatmaps" / f"{n_ok:06d}_{_safe(Path(path).stem)}.png",
+                figures.save_heatmap(
+                    out / "heatmaps" / f"{n_ok:06d}_{figures.safe_name(Path(path).stem)}.png",
                     x[i].detach().float().cpu(),
                     res["amap"][i].detach().float().cpu(),
                     f"{path}\nscore {s:.4g}"
@@ -387,8 +366,10 @@ def _predict_volumes(model, files: list[Path], dm, cfg, device, rows: Rows, out:
                 per_bscan = pv.bscan_rows(vs, threshold)
                 maps = {}
                 if draw:
-                    folder = out / "heatmaps" / f"{n_ok:06d}_{_safe(stem(path))}"
-                    maps = pv.write_heatmaps(folder, vs, per_bscan, cap, Path(path).name)
+                    folder = out / "heatmaps" / f"{n_ok:06d}_{figures.safe_name(stem(path))}"
+                    maps = figures.write_volume_heatmaps(
+                        folder, vs.maps, vs.patches.image, per_bscan, cap, Path(path).name
+                    )
             finally:
                 pv.remove(item["dirs"])
             rows.file(path, "ok", "volume", rule=pv.RULE, **pv.volume_row(vs, per_bscan, threshold))

@@ -24,10 +24,10 @@ volume row are those of its max-scoring patch. B-scans without a grid patch (no 
 have no score and no decision.
 
 Maps: patch maps (``amap``) stitched into flattened B-scans by
-:class:`anogan_lightning.pixel_eval.Stitcher` (overlaps averaged, uncovered pixels NaN); the
-``max_bscan_heatmaps`` highest-scoring B-scans of a volume are drawn by
-:func:`anogan_lightning.pixel_eval.save_overlay`, on one colour scale per volume (the 99th
-percentile of its map).
+:class:`anogan_lightning.evaluation.stitch.Stitcher` (overlaps averaged, uncovered pixels NaN);
+the ``max_bscan_heatmaps`` highest-scoring B-scans of a volume are drawn by
+:func:`anogan_lightning.evaluation.figures.write_volume_heatmaps`, on one colour scale per volume
+(the 99th percentile of its map).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from anogan_lightning import pixel_eval
 from anogan_lightning.data.oct_volume import OCTVolumeDataModule
 from anogan_lightning.data.patch_cache import build_patch_cache
 from anogan_lightning.data.patch_dataset import PatchDataset
 from anogan_lightning.data.volume_cache import cached_volume
 from anogan_lightning.data.volume_sources import VolumeSource
+from anogan_lightning.evaluation.stitch import Stitcher
 from anogan_lightning.extras import MissingExtraError
 
 RULE = "max patch score >= threshold"  # a B-scan / volume: any of its patches anomalous
@@ -139,7 +139,7 @@ def score_volume(
     model, patches: PatchDataset, batch_size: int, device: torch.device, maps: bool
 ) -> VolumeScores:
     """Score every grid patch in batches; stitch the patch maps when ``maps``."""
-    stitcher = pixel_eval.Stitcher(patches.image_shapes) if maps else None
+    stitcher = Stitcher(patches.image_shapes) if maps else None
     scores, comps, stitched = [], defaultdict(list), False
     for start in range(0, len(patches), batch_size):
         batch = patches[np.arange(start, min(start + batch_size, len(patches)))]
@@ -196,31 +196,4 @@ def volume_row(vs: VolumeScores, rows: list[dict], threshold: float) -> dict:
     out["anomalous_bscans"] = (
         None if math.isnan(threshold) else sum(r["anomalous"] == 1 for r in rows)
     )
-    return out
-
-
-def write_heatmaps(
-    folder: Path, vs: VolumeScores, rows: list[dict], n: int | None, title: str
-) -> dict[int, Path]:
-    """``bscan_<i>.png`` for the ``n`` highest-scoring B-scans (None: all): the flattened B-scan
-    and its stitched map; returns B-scan index -> PNG."""
-    if vs.maps is None:
-        return {}
-    scored = [r for r in rows if not math.isnan(r["score"])]
-    scored.sort(key=lambda r: -r["score"])  # stable: ties in B-scan order
-    covered = vs.maps[~np.isnan(vs.maps)]
-    vmax = float(np.percentile(covered, 99)) if covered.size else 1.0
-    out = {}
-    for r in scored[:n] if n is not None else scored:
-        b = r["bscan"]
-        img = vs.patches.image(b)  # (h, w) in [-1, 1]
-        h, w = img.shape
-        flag = {None: "", 0: " (normal)", 1: " (anomalous)"}[r["anomalous"]]
-        out[b] = pixel_eval.save_overlay(
-            folder / f"bscan_{b:03d}.png",
-            img,
-            vs.maps[b, :h, :w],
-            vmax=vmax,
-            title=f"{title}  B-scan {b}: score {r['score']:.4g}{flag}",
-        )
     return out

@@ -18,7 +18,8 @@ Writes into the first directory given (the sweep directory) or ``--out``:
   the reference run scored on the same test images (rows of ``scores.csv`` matched by ``id``;
   the reference run of the same seed where the reference is a method with several seeds) with a
   paired bootstrap 95% CI; per seed group, the mean difference over seeds with a CI from
-  resampling images and seeds (:func:`anogan_lightning.evaluation.pooled_paired_difference`);
+  resampling images and seeds
+  (:func:`anogan_lightning.evaluation.metrics.pooled_paired_difference`);
 - ``roc.png``: every run's test ROC in one plot, from its ``scores.csv``;
 - ``score_distributions.png``: normal vs anomalous test score histograms, one panel per run.
 The Markdown table is printed too.
@@ -35,14 +36,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import torch
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from anogan_lightning import evaluation, provenance  # noqa: E402
+from anogan_lightning import provenance
+from anogan_lightning.evaluation import figures, metrics
 
 COLUMNS = (
     ("val AUROC", "val/auroc"),
@@ -92,10 +90,6 @@ def _failure_reason(run: Path) -> str:
     return "no results.json (still running, killed, or crashed before writing it)"
 
 
-def is_ci(key: str) -> bool:
-    return key.endswith(("_ci_low", "_ci_high"))
-
-
 def _method_name(overrides: list[str]) -> str | None:
     """The ``+method=<name>`` (or ``+experiment=<name>``) choice of a run, if any."""
     for prefix in ("method=", "experiment="):
@@ -128,13 +122,13 @@ def load_run(run: Path) -> dict:
         rec["components"] = {
             k.removeprefix(prefix): v
             for k, v in results.items()
-            if k.startswith(prefix) and not is_ci(k)
+            if k.startswith(prefix) and not metrics.is_ci(k)
         }
         prefix = "test/auroc/"
         rec["classes"] = {
             k.removeprefix(prefix): v
             for k, v in results.items()
-            if k.startswith(prefix) and not is_ci(k)
+            if k.startswith(prefix) and not metrics.is_ci(k)
         }
         rec["method"] = results.get("method", rec["method"])
         rec["extra"] = {k: v for k, v in results.items() if _is_extra(k)}
@@ -226,7 +220,7 @@ def matched_scores(
     if any(a[i][0] != b[i][0] for i in ids):
         return None
     labels = torch.tensor([a[i][0] for i in ids], dtype=torch.long)
-    if not evaluation.has_both_classes(labels):
+    if not metrics.has_both_classes(labels):
         return None
     sa = torch.tensor([a[i][1] for i in ids], dtype=torch.float64)
     sb = torch.tensor([b[i][1] for i in ids], dtype=torch.float64)
@@ -277,7 +271,7 @@ def add_differences(records: list[dict], groups: list[dict], reference: str) -> 
         m = pair(r)
         if m is not None:
             ids, sa, sb, labels = m
-            r["delta"] = (*evaluation.paired_auroc_difference(sa, sb, labels), len(ids))
+            r["delta"] = (*metrics.paired_auroc_difference(sa, sb, labels), len(ids))
     for g in groups:
         pairs = [m for r in g["runs"] if (m := pair(r)) is not None]
         if len(pairs) < len(g["runs"]):
@@ -285,7 +279,7 @@ def add_differences(records: list[dict], groups: list[dict], reference: str) -> 
         same = all(m[0] == pairs[0][0] and torch.equal(m[3], pairs[0][3]) for m in pairs)
         triples = [(sa, sb, labels) for _, sa, sb, labels in pairs]
         g["delta"] = (
-            *evaluation.pooled_paired_difference(triples, same_images=same),
+            *metrics.pooled_paired_difference(triples, same_images=same),
             len(pairs[0][0]),
         )
 
@@ -337,7 +331,7 @@ def markdown(
             "",
             f"Δ: test AUROC minus that of the reference ({reference}) on the same test images "
             "(scores.csv rows matched by id), paired bootstrap 95% CI "
-            f"({evaluation.N_BOOT} stratified resamples); for a seed group, the mean Δ over "
+            f"({metrics.N_BOOT} stratified resamples); for a seed group, the mean Δ over "
             "seed-paired runs, images and seeds resampled.",
         ]
     lines += _extra_table(records, root)
@@ -458,42 +452,23 @@ def _scores(run: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def plot_roc_overlay(path: Path, records: list[dict], root: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for r in records:
-        s = _scores(r["run"])
-        if s is None or not evaluation.has_both_classes(s[1]):
-            continue
-        fpr, tpr, _ = evaluation.roc_curve(*s)
-        label = f"{r['method']} {' '.join(r['overrides'][:3])} s{r['seed']} ({evaluation.auroc(*s):.3f})"
-        ax.plot(fpr, tpr, lw=1.2, label=label)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(
-        xlabel="false positive rate", ylabel="true positive rate", title=f"test ROC: {root.name}"
-    )
-    ax.legend(loc="lower right", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Every run's test ROC in one plot (from its scores.csv)."""
+    curves = [
+        (f"{r['method']} {' '.join(r['overrides'][:3])} s{r['seed']}", *s)
+        for r in records
+        if (s := _scores(r["run"])) is not None
+    ]
+    figures.plot_roc_overlay(path, curves, f"test ROC: {root.name}")
 
 
 def plot_distributions(path: Path, records: list[dict], root: Path) -> None:
-    runs = [(r, s) for r in records if (s := _scores(r["run"])) is not None]
-    if not runs:
-        return
-    cols = min(4, len(runs))
-    rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(runs) :]:
-        ax.axis("off")
-    for ax, (r, (scores, labels)) in zip(axes.flat, runs, strict=False):
-        bins = torch.linspace(float(scores.min()), float(scores.max()) + 1e-9, 31).numpy()
-        ax.hist(scores[labels == 0].numpy(), bins=bins, alpha=0.6, density=True, label="normal")
-        ax.hist(scores[labels == 1].numpy(), bins=bins, alpha=0.6, density=True, label="anomalous")
-        ax.set_title(f"{r['method']} {_rel(r['run'], root)}", fontsize=7)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Normal vs anomalous test scores, one panel per run (from its scores.csv)."""
+    panels = [
+        (f"{r['method']} {_rel(r['run'], root)}", *s)
+        for r in records
+        if (s := _scores(r["run"])) is not None
+    ]
+    figures.plot_score_distributions(path, panels)
 
 
 def collect(paths: list[Path]) -> tuple[list[dict], list[dict], Path]:

@@ -1,35 +1,32 @@
 """Entry point: ``python -m anogan_lightning.train +method=<name> [overrides]``.
 
-Seeds, instantiates data / method / trainer / loggers from the Hydra config, fits on normal
-images, validates (which fixes the decision threshold), tests, and writes the run's artefacts
-into the Hydra run directory.
+Seeds, instantiates data / method / trainer / loggers from the Hydra config, checks every test
+set (``data`` and ``extra_test``) before training, fits on normal images, validates (which fixes
+the decision threshold), tests, and writes the run's artefacts into the Hydra run directory. A
+test split that cannot be scored (``<split>/status: not_scored`` in results.json, e.g. one class
+only) ends the run with a one-line error after its files are written.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from anogan_lightning import (
-    artefacts,
-    available_methods,
-    evaluation,
-    extras,
-    pixel_eval,
-    provenance,
-    runtime,
-)
-from anogan_lightning.methods.base import DivergenceError
+from anogan_lightning import artefacts, available_methods, extras, provenance, runtime
+from anogan_lightning.evaluation import figures, metrics
+from anogan_lightning.methods.base import DivergenceError, check_format
 
 log = logging.getLogger("anogan_lightning")
 
@@ -54,57 +51,81 @@ def _multirun_wandb(cfg: DictConfig) -> None:
             wandb_cfg.name = hc.job.override_dirname or Path(cfg.paths.output_dir).name
 
 
+def _wandb_runs(trainer: pl.Trainer) -> list:
+    """The W&B runs of the trainer's WandbLoggers (rank 0; others get Lightning's dummy)."""
+    return [lg.experiment for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+
+
+def _log_config(trainer: pl.Trainer, cfg: DictConfig, results: dict) -> None:
+    """W&B: the resolved config, the command-line overrides and the provenance, logged before
+    training starts (a run that fails or is stopped still says what it was)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for run in _wandb_runs(trainer):
+        run.config.update(
+            {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "overrides": list(overrides),
+                "provenance": provenance.of(results),
+            },
+            allow_val_change=True,
+        )
+
+
+ROC_POINTS = 1000  # the W&B ROC plot: at most about this many points (the AUROC: every point)
+
+
 def _log_to_loggers(
-    trainer: pl.Trainer, cfg: DictConfig, results: dict, record: dict, figures: dict, table: str
+    trainer: pl.Trainer, cfg: DictConfig, results: dict, record: dict, figs: dict, table: str
 ) -> None:
     """Extra artefacts for loggers that show them: W&B (ROC curve, results table, image
-    panels, score histograms, config and overrides) and TensorBoard (figures, table)."""
+    panels, score histograms, optionally the model) and TensorBoard (figures, table)."""
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             run = lg.experiment
-            overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-            run.config.update(
-                {
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                    "overrides": list(overrides),
-                    "provenance": provenance.of(results),
-                },
-                allow_val_change=True,
-            )
-            metrics = {  # numbers only: provenance is in the config
+            # the provenance again: the test splits' files are known now (logged before the fit)
+            run.config.update({"provenance": provenance.of(results)}, allow_val_change=True)
+            numbers = {  # numbers only: provenance is in the config
                 k: v
                 for k, v in results.items()
                 if isinstance(v, int | float)
                 and not isinstance(v, bool)
                 and not k.startswith(provenance.PREFIX)
             }
-            fpr, tpr, _ = evaluation.roc_curve(record["score"], record["labels"])
-            roc = wandb.Table(
-                columns=["fpr", "tpr"], data=list(zip(fpr.tolist(), tpr.tolist(), strict=True))
-            )
-            auc = results.get("test/auroc", float("nan"))
             payload = {
-                "test/roc": wandb.plot.line(roc, "fpr", "tpr", title=f"test ROC (AUC {auc:.3f})"),
                 "results": wandb.Table(
                     columns=["metric", "value"],
-                    data=[[k, v] for k, v in metrics.items()],
+                    data=[[k, v] for k, v in numbers.items()],
                 ),
             }
-            for name, s in {"score": record["score"], **record["components"]}.items():
+            if metrics.has_both_classes(record["labels"]):
+                fpr, tpr = metrics.roc_points(record["score"], record["labels"], ROC_POINTS)
+                roc = wandb.Table(
+                    columns=["fpr", "tpr"], data=[[f, t] for f, t in zip(fpr, tpr, strict=True)]
+                )
+                auc = results.get("test/auroc", float("nan"))
+                title = f"test ROC (AUC {auc:.3f})"
+                payload["test/roc"] = wandb.plot.line(roc, "fpr", "tpr", title=title)
+            scores = {"score": record["score"], **record["components"], **record["references"]}
+            for name, s in scores.items():
                 for label, cls in (("normal", 0), ("anomalous", 1)):
                     values = s[record["labels"] == cls].numpy()
                     if len(values):
                         payload[f"test/hist_{name}_{label}"] = wandb.Histogram(values)
-            payload.update({f"test/{k}": wandb.Image(f) for k, f in figures.items()})
+            payload.update({f"test/{k}": wandb.Image(f) for k, f in figs.items()})
             maps = sorted((Path(cfg.paths.output_dir) / "anomaly_maps").glob("*.png"))
             if maps:
                 payload["test/anomaly_maps"] = [wandb.Image(str(p), caption=p.stem) for p in maps]
             run.log(payload)
-            run.summary.update(metrics)
+            run.summary.update(numbers)
+            ckpt = results.get("checkpoint")
+            if cfg.get("wandb_model") and ckpt and Path(ckpt).is_file():
+                artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=numbers)
+                artifact.add_file(ckpt, name="model.ckpt")
+                run.log_artifact(artifact, aliases=["latest"])
         elif type(lg).__name__ == "TensorBoardLogger":
-            for k, f in figures.items():
+            for k, f in figs.items():
                 lg.experiment.add_figure(f"test/{k}", f)
             lg.experiment.add_text("results", table)
 
@@ -119,9 +140,13 @@ def _load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"fit=false needs ckpt_path=<model.ckpt>; {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     try:
-        model.load_state_dict(state)
+        check_format(ckpt.get("anogan_lightning") or {})
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"{path} does not hold this method's weights: {err}") from None
 
@@ -137,13 +162,34 @@ def extra_test_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     }
 
 
-def _extra_tests(cfg: DictConfig, model, trainer: pl.Trainer) -> dict[str, tuple[dict, dict]]:
-    """Score the trained model on every test set of :func:`extra_test_configs`: name ->
-    (metrics under ``test_<name>/``, the test record). The validation threshold applies."""
+def check_test_sets(datamodule, extra: dict) -> None:
+    """Validate the run's data and every extra test set before training (their ``check()``,
+    where a data module has one: roots, files, columns), so a wrong path stops the run at once
+    and names it, not after the fit. The random streams are left as they were, so the seeded
+    run that follows does not depend on what a check draws."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        modules = {"data": datamodule} | {f"extra_test.{k}": v for k, v in extra.items()}
+        for name, dm in modules.items():
+            check = getattr(dm, "check", None)
+            if callable(check):
+                try:
+                    check()
+                except (FileNotFoundError, ValueError) as err:
+                    raise type(err)(f"{name}: {err}") from err
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def _extra_tests(extra: dict, model, trainer: pl.Trainer) -> dict[str, tuple[dict, dict]]:
+    """Score the trained model on every extra test set (name -> data module, from
+    :func:`extra_test_configs`): name -> (metrics under ``test_<name>/``, the test record). The
+    validation threshold applies."""
     out = {}
-    for name, data_cfg in extra_test_configs(cfg).items():
-        log.info("extra test set %s: %s", name, data_cfg.get("root"))
-        dm = hydra.utils.instantiate(data_cfg)
+    for name, dm in extra.items():
+        log.info("extra test set %s: %s", name, getattr(dm, "root", ""))
         dm.setup("test")
         trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)
         metrics = {f"test_{name}/{k.split('/', 1)[1]}": v for k, v in model.results["test"].items()}
@@ -164,6 +210,8 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
+    extra = {name: hydra.utils.instantiate(c) for name, c in extra_test_configs(cfg).items()}
+    check_test_sets(datamodule, extra)
     try:
         model = hydra.utils.instantiate(
             cfg.method, _convert_="all"
@@ -174,6 +222,8 @@ def run(cfg: DictConfig) -> dict:
             f"{cfg.data.get('image_size')}): {err.__cause__ or err}"
         ) from err
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)  # for predict
+    if getattr(datamodule, "preprocessing", None) is not None:
+        model.preprocessing = datamodule.preprocessing.to_dict()
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
@@ -203,6 +253,7 @@ def run(cfg: DictConfig) -> dict:
             results[f"data/{split}_{cls}"] = n
     ckpt_dir = out_dir / "checkpoints"
     title = f"{type(model).__name__} on {type(datamodule).__name__}"
+    _log_config(trainer, cfg, results)
 
     # fit on normal images (resuming from ckpt_path if given); the val split (both classes) is
     # scored once, after training
@@ -253,31 +304,36 @@ def run(cfg: DictConfig) -> dict:
     record = model.records["test"]
     results["time/test_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extra = _extra_tests(cfg, model, trainer)  # cross-device test sets, each under its prefix
-    for metrics, _ in extra.values():
-        results.update(metrics)
-    if extra:
+    extra_scored = _extra_tests(extra, model, trainer)  # cross-device sets, each under its prefix
+    for split_metrics, _ in extra_scored.values():
+        results.update(split_metrics)
+    if extra_scored:
         results["time/extra_test_s"] = time.perf_counter() - t0
     results["time/total_s"] = time.perf_counter() - t_start
     results.update(provenance.flatten(provenance.data(datamodule, model.data_config)))
+    failed = artefacts.not_scored(results)
     if not trainer.is_global_zero:
+        if failed:
+            raise SystemExit(f"error: not scored: {'; '.join(failed)}")
         return results
     artefacts.write_results(out_dir / "results.json", results)
     artefacts.write_scores(out_dir / "scores.csv", record)
     draw = cfg.get("figures", True)
-    for name, (_, rec) in extra.items():
+    for name, (_, rec) in extra_scored.items():
         artefacts.write_scores(out_dir / f"scores_{name}.csv", rec)
         if draw and rec.get("pixel") is not None:
             px = rec["pixel"]
-            pixel_eval.write_overlays(
+            figures.write_overlays(
                 out_dir / f"bscans_{name}", px["maps"], px["masks"], px["image"], px["ids"], n=8
             )
-    figures = artefacts.write_figures(out_dir, record, title) if draw else {}
+    figs = figures.write_figures(out_dir, record, title) if draw else {}
     table = artefacts.format_table(results, title)
-    _log_to_loggers(trainer, cfg, results, record, figures, table)
-    for fig in figures.values():
-        artefacts.plt.close(fig)
+    _log_to_loggers(trainer, cfg, results, record, figs, table)
+    for fig in figs.values():
+        figures.close(fig)
     print(f"\n{table}\n\nartefacts: {out_dir}")
+    if failed:  # after every file: results.json says which split and why
+        raise SystemExit(f"error: not scored: {'; '.join(failed)} (results.json: {out_dir})")
     return results
 
 

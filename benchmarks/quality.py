@@ -32,8 +32,8 @@ The difference to the reference: for each method, the mean over seeds of
 AUROC(method, seed k) - AUROC(reference, seed k), both runs of a pair scored on the same test
 images (``scores.csv`` rows matched by id), with a 95% CI from a bootstrap that resamples the
 test images (stratified by class, one draw shared by all runs when they share the test set)
-and the seed pairs (:func:`anogan_lightning.evaluation.pooled_paired_difference`): it covers
-both the test set's sampling noise and the run-to-run spread.
+and the seed pairs (:func:`anogan_lightning.evaluation.metrics.pooled_paired_difference`): it
+covers both the test set's sampling noise and the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without an install
 
-from anogan_lightning import artefacts, available_methods, evaluation, report  # noqa: E402
+from anogan_lightning import artefacts, available_methods, report  # noqa: E402
+from anogan_lightning.evaluation import metrics  # noqa: E402
 
 KERMANY_DEFAULTS = {
     "data.image_size": "64",
@@ -234,12 +235,12 @@ def summarise(sweep: Path, jobs: list[dict], reference: str) -> list[dict]:
             "wall_min": _stat([_minutes(r.get("time/total_s")) for r in res]),
         }
         classes = sorted({k for r in res for k in r if k.startswith("test/auroc/")})
-        classes = [k for k in classes if not report.is_ci(k)]
+        classes = [k for k in classes if not metrics.is_ci(k)]
         row["classes"] = {
             k.removeprefix("test/auroc/"): _stat([r.get(k) for r in res]) for k in classes
         }
         comps = sorted({k for r in res for k in r if k.startswith("test/auroc_")})
-        comps = [k for k in comps if not report.is_ci(k)]
+        comps = [k for k in comps if not metrics.is_ci(k)]
         row["components"] = {
             k.removeprefix("test/auroc_"): _stat([r.get(k) for r in res]) for k in comps
         }
@@ -265,7 +266,7 @@ def _difference(row: dict, ref: dict) -> tuple[float, float, float, int] | None:
     if not pairs:
         return None
     same = all(m[0] == pairs[0][0] and bool((m[3] == pairs[0][3]).all()) for m in pairs)
-    diff, low, high = evaluation.pooled_paired_difference(
+    diff, low, high = metrics.pooled_paired_difference(
         [(sa, sb, y) for _, sa, sb, y in pairs], same_images=same
     )
     return diff, low, high, len(pairs)
@@ -334,7 +335,7 @@ def write_markdown(path: Path, rows: list[dict], args: argparse.Namespace, cmd: 
         "",
         f"Δ: mean over seeds of test AUROC(method, seed k) − test AUROC({ref}, seed k), both "
         "scored on the same test images (scores.csv rows matched by id); 95% CI from "
-        f"{evaluation.N_BOOT} bootstrap resamples of the test images (stratified by class, "
+        f"{metrics.N_BOOT} bootstrap resamples of the test images (stratified by class, "
         "shared by all runs on one test set) and of the seed pairs. An interval that excludes "
         "0 is a difference larger than the test-set noise and the seed-to-seed spread. "
         "Per-class AUROC: each disease class against all normals.",

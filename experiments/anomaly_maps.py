@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from anogan_lightning import evaluation, pixel_eval, scoring
+from anogan_lightning import scoring
 from anogan_lightning.data.bscan_folder import BScanFolderDataModule
 from anogan_lightning.data.kermany import KermanyDataModule
+from anogan_lightning.evaluation import metrics, pixel, stitch
 from anogan_lightning.predict import load_model
 
 MAPS: list[tuple[str, float]] = []  # (map, sigma): set from --maps x --sigmas
@@ -48,7 +49,7 @@ def _data(cfg: dict, **keys) -> dict:
 def score_set(model, ds) -> dict:
     """Stitched maps (per map kind) and window-mean map scores of every window of ``ds``."""
     loader = DataLoader(ds, batch_size=256, shuffle=False)
-    stitchers = {m: pixel_eval.Stitcher(ds.image_shapes) for m in MAPS}
+    stitchers = {m: stitch.Stitcher(ds.image_shapes) for m in MAPS}
     win = {m: [] for m in MAPS}
     base, index = [], []
     for batch in loader:
@@ -72,7 +73,7 @@ def score_set(model, ds) -> dict:
 def image_scores(res: dict, n: int, m) -> dict[str, torch.Tensor]:
     """B-scan scores of map ``m``: window-mean map aggregated (max / top3 / mean), and the
     stitched map's 99th percentile."""
-    agg = pixel_eval.aggregate_windows
+    agg = stitch.aggregate_windows
     _, rules = agg(res["window"][m], res["index"], n, "max", 3, all_rules=True)
     q = [np.nanpercentile(a, 99) for a in res["maps"][m]]
     return {**rules, "p99": torch.tensor(q, dtype=torch.float64)}
@@ -103,19 +104,19 @@ def main() -> None:
     labels = torch.as_tensor(ds.image_labels)
     subj = np.array([int(Path(p).stem[7:9]) for p in ds.image_ids])
     parts = {"val12": subj <= 2, "test345": subj >= 3, "all": subj > 0}
-    masks = pixel_eval.pad_stack([ds.image_mask(i) for i in range(n)], res["maps"][MAPS[0]].shape)
-    base = pixel_eval.aggregate_windows(res["base"], res["index"], n, "max", 3, all_rules=True)[1]
+    masks = stitch.pad_stack([ds.image_mask(i) for i in range(n)], res["maps"][MAPS[0]].shape)
+    base = stitch.aggregate_windows(res["base"], res["index"], n, "max", 3, all_rules=True)[1]
     for part, sel in parts.items():
         for rule, s in base.items():
-            print(f"duke_{part}_image_mse_{rule}={evaluation.auroc(s[sel], labels[sel]):.4f}")
+            print(f"duke_{part}_image_mse_{rule}={metrics.auroc(s[sel], labels[sel]):.4f}")
     for m in MAPS:
         name = f"{m[0]}_s{m[1]:g}"
         scores = image_scores(res, n, m)
         for part, sel in parts.items():
-            px = pixel_eval.pixel_auroc(res["maps"][m][sel], masks[sel])
+            px = pixel.pixel_auroc(res["maps"][m][sel], masks[sel])
             print(f"duke_{part}_pixel_{name}={px:.4f}")
             for rule, s in scores.items():
-                a = evaluation.auroc(s[sel], labels[sel])
+                a = metrics.auroc(s[sel], labels[sel])
                 print(f"duke_{part}_image_{name}_{rule}={a:.4f}")
 
     mex = BScanFolderDataModule(**_data(cfg, root=str(shared / "mexico-dme"), val_fraction=0))
@@ -124,12 +125,12 @@ def main() -> None:
     res = score_set(model, ds)
     n = len(ds.image_ids)
     labels = torch.as_tensor(ds.image_labels)
-    base = pixel_eval.aggregate_windows(res["base"], res["index"], n, "max", 3, all_rules=True)[1]
+    base = stitch.aggregate_windows(res["base"], res["index"], n, "max", 3, all_rules=True)[1]
     for rule, s in base.items():
-        print(f"mexico_image_mse_{rule}={evaluation.auroc(s, labels):.4f}")
+        print(f"mexico_image_mse_{rule}={metrics.auroc(s, labels):.4f}")
     for m in MAPS:
         for rule, s in image_scores(res, n, m).items():
-            a = evaluation.auroc(s, labels)
+            a = metrics.auroc(s, labels)
             print(f"mexico_image_{m[0]}_s{m[1]:g}_{rule}={a if not math.isnan(a) else 'nan'}")
 
 

@@ -21,14 +21,14 @@ import torch
 from anomaly_maps import DUKE, _data  # experiments/, the script's folder
 from torch.utils.data import DataLoader
 
-from anogan_lightning import evaluation, pixel_eval
 from anogan_lightning.data.bscan_folder import BScanFolderDataModule
+from anogan_lightning.evaluation import metrics, pixel, stitch
 from anogan_lightning.predict import load_model
 
 
 def stitched_maps(model, ds, batch_size: int = 128) -> np.ndarray:
     """The method's own map of every window of ``ds``, stitched per B-scan (band coordinates)."""
-    stitcher = pixel_eval.Stitcher(ds.image_shapes)
+    stitcher = stitch.Stitcher(ds.image_shapes)
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         with torch.inference_mode(not model.needs_grad_at_test):
             out = model.score({"x": batch["x"], "id": batch["id"]})
@@ -53,7 +53,7 @@ def main() -> None:
         ds = dm.test_set
         n = len(ds.image_ids)
         raw = stitched_maps(model, ds)
-        masks = pixel_eval.pad_stack([ds.image_mask(i) for i in range(n)], raw.shape)
+        masks = stitch.pad_stack([ds.image_mask(i) for i in range(n)], raw.shape)
         labels = torch.as_tensor(ds.image_labels)
         subj = np.array([int(Path(p).stem[7:9]) for p in ds.image_ids])
         parts = (subj <= 2, subj >= 3, subj > 0)
@@ -61,9 +61,9 @@ def main() -> None:
         for region in ("band", "retina"):
             ds.map_region = region
             maps = ds.restrict_maps(raw)
-            image = pixel_eval.retina_map_scores(maps, retina)
-            px = "/".join(f"{pixel_eval.pixel_auroc(maps[s], masks[s]):.3f}" for s in parts)
-            im = "/".join(f"{evaluation.auroc(image[s], labels[s]):.3f}" for s in parts)
+            image = stitch.retina_map_scores(maps, retina)
+            px = "/".join(f"{pixel.pixel_auroc(maps[s], masks[s]):.3f}" for s in parts)
+            im = "/".join(f"{metrics.auroc(image[s], labels[s]):.3f}" for s in parts)
             print(f"{ckpt} {region}: pixel {px} image(map_retina) {im}", flush=True)
 
 

@@ -93,12 +93,12 @@ def check_results_against_scores(out_dir: Path, results: dict) -> None:
     """The test metrics a run reports are those of the per-image scores it wrote (scores.csv):
     the AUROC of the score and of every component, and accuracy and sensitivity at the
     threshold chosen on validation."""
-    from anogan_lightning import evaluation
+    from anogan_lightning.evaluation import metrics
 
     _, labels, cols = read_scores(out_dir)
     for name, s in cols.items():
         key = "test/auroc" if name == "score" else f"test/auroc_{name}"
-        assert results[key] == pytest.approx(evaluation.auroc(s, labels), abs=1e-6), key
+        assert results[key] == pytest.approx(metrics.auroc(s, labels), abs=1e-6), key
     pred = cols["score"] >= results["val/youden_threshold"]
     sick = labels == 1
     accuracy = float((pred == sick).double().mean())

@@ -1,5 +1,6 @@
 """Anomaly maps of the reconstruction methods (scoring.anomaly_map, the ``map`` hyperparameter):
-what each map is, the residual normaliser fitted on training normals, old checkpoints."""
+what each map is, the residual normaliser fitted on training normals (0.1 checkpoints, from
+before the maps, are refused: tests/test_method_base.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from conftest import compose_cfg, tiny_overrides
 
 from anogan_lightning import scoring
-from anogan_lightning.methods.autoencoder import AutoEncoder
 
 RECONSTRUCTION_METHODS = [
     "autoencoder",
@@ -112,21 +112,3 @@ def test_methods_fit_the_normaliser_and_score_every_map(method: str, tmp_path):
         with torch.no_grad():
             amap = model.score(batch)["amap"]
         assert amap.shape == (8, 1, 16, 16) and torch.isfinite(amap).all(), kind
-
-
-def test_checkpoint_from_before_the_maps_keeps_its_residual(tmp_path):
-    model = AutoEncoder(width=8, image_size=16)
-    path = tmp_path / "old.ckpt"
-    state = {k: v for k, v in model.state_dict().items() if k != "map_norm"}
-    hparams = {k: v for k, v in model.hparams.items() if k not in ("map", "map_sigma")}
-    torch.save(
-        {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.4.0"},
-        path,
-    )
-    old = AutoEncoder.load_from_checkpoint(path)
-    assert (old.hparams.map, old.hparams.map_sigma) == ("residual", 0.0)
-    assert not torch.isfinite(old.map_norm).any()
-    x = torch.rand(2, 1, 16, 16) * 2 - 1
-    with torch.no_grad():
-        out = old.score({"x": x})
-    assert torch.allclose(out["amap"], scoring.residual_map(x, out["x_hat"]))

@@ -15,12 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from anogan_lightning import pixel_eval
 from anogan_lightning.data.bscan.preprocessing import BScanPreprocessing
 from anogan_lightning.data.bscan.retina_windows import RetinaBScanDataset
 from anogan_lightning.data.bscan_folder import BScanFolderDataModule
 from anogan_lightning.data.kermany import KermanyDataModule
 from anogan_lightning.data.retina.normalize import RetinaNorm
+from anogan_lightning.evaluation import pixel, stitch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared/data"
@@ -76,16 +76,16 @@ def prep(**kw) -> BScanPreprocessing:
 def test_aggregate_windows_rules():
     scores = torch.tensor([1.0, 5.0, 2.0, 0.5, 4.0, 3.0])
     index = torch.tensor([0, 0, 0, 2, 2, 2])  # B-scan 1 has no window
-    s, _ = pixel_eval.aggregate_windows(scores, index, 3, "max")
+    s, _ = stitch.aggregate_windows(scores, index, 3, "max")
     assert s[0] == 5 and s[2] == 4 and math.isnan(s[1])
-    s, _ = pixel_eval.aggregate_windows(scores, index, 3, "mean")
+    s, _ = stitch.aggregate_windows(scores, index, 3, "mean")
     assert torch.allclose(s[[0, 2]], torch.tensor([8 / 3, 7.5 / 3], dtype=torch.float64))
-    s, alt = pixel_eval.aggregate_windows(scores, index, 3, "topk", top_k=2, all_rules=True)
+    s, alt = stitch.aggregate_windows(scores, index, 3, "topk", top_k=2, all_rules=True)
     assert s[0] == 3.5 and s[2] == 3.5
     assert set(alt) == {"window_max", "window_top2", "window_mean"}
     assert torch.allclose(alt["window_top2"][[0, 2]], s[[0, 2]])
     with pytest.raises(ValueError, match="median"):
-        pixel_eval.aggregate_windows(scores, index, 3, "median")
+        stitch.aggregate_windows(scores, index, 3, "median")
 
 
 def test_retina_map_scores_mean_inside_the_retina_only():
@@ -97,7 +97,7 @@ def test_retina_map_scores_mean_inside_the_retina_only():
     retina = [np.zeros((4, 6), bool) for _ in range(3)]
     retina[0][1:3] = retina[1][1:3] = True
     retina[2] = np.zeros((4, 5), bool)  # narrower than the padded map, no retina: NaN
-    s = pixel_eval.retina_map_scores(maps, retina)
+    s = stitch.retina_map_scores(maps, retina)
     assert s[0] == 2.0 and s[1] == pytest.approx(10 / 11) and math.isnan(s[2])
 
 
@@ -106,17 +106,17 @@ def test_aupro_perfect_chance_and_small_regions_count():
     masks[0, 2:4, 2:4] = 1  # a small region
     masks[0, 10:18, 20:38] = 1  # a large one
     perfect = masks.astype(np.float32) + 0.01 * np.random.default_rng(0).random(masks.shape)
-    pro, n = pixel_eval.aupro(perfect, masks)
+    pro, n = pixel.aupro(perfect, masks)
     assert n == 2 and pro > 0.99
     only_large = np.where(masks[0, :, 20:] > 0, 1.0, 0.0)[None]
     full = np.zeros(masks.shape, np.float32)
     full[:, :, 20:] = only_large
-    pro_large, _ = pixel_eval.aupro(full, masks)
+    pro_large, _ = pixel.aupro(full, masks)
     assert 0.45 < pro_large < 0.75  # half the regions found, however large the other is
     rand = np.random.default_rng(1).random(masks.shape).astype(np.float32)
-    assert pixel_eval.aupro(rand, masks)[0] < 0.35  # chance: ~fpr_limit / 2
-    assert math.isnan(pixel_eval.aupro(rand, np.zeros_like(masks))[0])
-    m = pixel_eval.pixel_metrics(perfect, masks)
+    assert pixel.aupro(rand, masks)[0] < 0.35  # chance: ~fpr_limit / 2
+    assert math.isnan(pixel.aupro(rand, np.zeros_like(masks))[0])
+    m = pixel.pixel_metrics(perfect, masks)
     assert m["test/pixel_aupro"] > 0.99 and m["test/pixel_regions"] == 2
 
 
@@ -143,7 +143,7 @@ def test_grid_windows_cover_every_band_and_failures_are_named(files):
     assert ds.n_skipped == 1 and len(ds.image_ids) == 4 and "blank" not in " ".join(ds.image_ids)
     shapes = ds.image_shapes
     assert (shapes[:, 0] == 32).all() and list(shapes[:, 1]) == [160, 192, 224, 256]
-    stitcher = pixel_eval.Stitcher(shapes)
+    stitcher = stitch.Stitcher(shapes)
     for k in range(len(ds)):
         item = ds[k]
         assert item["x"].shape == (1, S, S) and item["mask"].shape == (1, S, S)

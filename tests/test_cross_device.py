@@ -13,7 +13,8 @@ import torch
 from conftest import compose_cfg, tiny_overrides
 from test_bscan_windows import S, save, scan
 
-from anogan_lightning import evaluation, report
+from anogan_lightning import report
+from anogan_lightning.evaluation import metrics
 from anogan_lightning.train import run
 
 
@@ -89,7 +90,7 @@ def test_extra_test_sets_scored_under_their_prefixes(sets: Path, tmp_path: Path,
     for name, n, pixels in (("other", 4, True), ("third", 6, False)):
         labels, scores = _scores(out / f"scores_{name}.csv")
         assert len(labels) == n  # one row per B-scan: windows aggregated as in training's data
-        auroc = evaluation.auroc(scores, labels)
+        auroc = metrics.auroc(scores, labels)
         assert saved[f"test_{name}/auroc"] == pytest.approx(auroc, abs=1e-6)
         acc = float(((scores >= threshold) == (labels == 1)).double().mean())
         assert saved[f"test_{name}/accuracy_at_val_threshold"] == pytest.approx(acc)
@@ -100,7 +101,7 @@ def test_extra_test_sets_scored_under_their_prefixes(sets: Path, tmp_path: Path,
     # the run's own test split is untouched by the extra sets
     labels, scores = _scores(out / "scores.csv")
     assert len(labels) == 4
-    assert saved["test/auroc"] == pytest.approx(evaluation.auroc(scores, labels), abs=1e-6)
+    assert saved["test/auroc"] == pytest.approx(metrics.auroc(scores, labels), abs=1e-6)
     table = report.report([out])  # one column per extra set and metric
     head = next(line for line in table.splitlines() if "test_other/auroc" in line)
     assert "test_other/pixel_auroc" in head and "test_third/auroc" in head

@@ -87,7 +87,7 @@ def test_paired_difference_to_a_reference(tmp_path: Path):
     """--reference: each run's test AUROC minus the reference's on the same images, with a
     paired CI; the reference against itself is exactly 0; seed groups get a pooled difference;
     an incomplete run is listed with its reason."""
-    from anogan_lightning import evaluation
+    from anogan_lightning.evaluation import metrics
 
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
@@ -103,11 +103,11 @@ def test_paired_difference_to_a_reference(tmp_path: Path):
     # the AnoGAN run of seed 1 against the auto-encoder run of seed 1, recomputed here
     a, b = report.read_scores(sweep / "an1"), report.read_scores(sweep / "ae1")
     _, sa, sb, labels = report.matched_scores(a, b)
-    diff, low, high = evaluation.paired_auroc_difference(sa, sb, labels)
+    diff, low, high = metrics.paired_auroc_difference(sa, sb, labels)
     assert f"{diff:+.4f} [{low:+.3f}, {high:+.3f}]" in rows["an1"]
     assert low > 0  # a real gap: 0.9 vs 0.6 separation on 40 images
     group = next(ln for ln in md.splitlines() if ln.startswith("| AnoGAN | "))
-    pooled = evaluation.pooled_paired_difference(
+    pooled = metrics.pooled_paired_difference(
         [
             report.matched_scores(
                 report.read_scores(sweep / f"an{s}"), report.read_scores(sweep / f"ae{s}")
@@ -125,15 +125,15 @@ def test_paired_difference_to_a_reference(tmp_path: Path):
 
 def test_pooled_difference_resamples_seeds_too():
     """With seeds that disagree, the pooled interval is wider than the image-only one."""
-    from anogan_lightning import evaluation
+    from anogan_lightning.evaluation import metrics
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 2
     base = torch.randn(200, generator=g) + labels
     pairs = [(base + shift * labels, base, labels) for shift in (0.0, 0.5, 1.0)]
-    diff, low, high = evaluation.pooled_paired_difference(pairs, same_images=True)
-    one = [evaluation.paired_auroc_difference(*p) for p in pairs]
+    diff, low, high = metrics.pooled_paired_difference(pairs, same_images=True)
+    one = [metrics.paired_auroc_difference(*p) for p in pairs]
     assert diff == pytest.approx(sum(d for d, _, _ in one) / 3)
     assert low < diff < high
     assert high - low > max(h - lo for _, lo, h in one)
-    assert evaluation.pooled_paired_difference([pairs[0]]) == (0.0, 0.0, 0.0)
+    assert metrics.pooled_paired_difference([pairs[0]]) == (0.0, 0.0, 0.0)

@@ -186,7 +186,7 @@ def test_per_class_auroc_and_cis_through_the_entry_point(tmp_path: Path):
     plus that class, computed from scores.csv; every AUROC has a CI around it."""
     import csv
 
-    from anogan_lightning import evaluation
+    from anogan_lightning.evaluation import metrics
 
     results = run(compose_cfg(tiny_overrides("autoencoder"), tmp_path))
     with open(tmp_path / "scores.csv") as fh:
@@ -205,7 +205,7 @@ def test_per_class_auroc_and_cis_through_the_entry_point(tmp_path: Path):
         sub = [r for r in rows if r["class"] in ("normal", name)]
         scores = torch.tensor([float(r["score"]) for r in sub])
         labels = torch.tensor([int(r["label"]) for r in sub])
-        expected = evaluation.auroc(scores, labels)
+        expected = metrics.auroc(scores, labels)
         assert results[f"test/auroc/{name}"] == pytest.approx(expected, abs=1e-6)
         assert (
             results[f"test/auroc/{name}_ci_low"]
@@ -246,3 +246,127 @@ def test_a_network_that_cannot_take_the_size_says_so(tmp_path: Path):
         ValueError, match=r"cannot build method .*AnoGAN \(data.image_size=48\).*power of two"
     ):
         run(compose_cfg([*overrides, "data.image_size=48"], tmp_path))
+
+
+# -- splits that cannot be scored, test sets checked before training, W&B -------------------------
+def test_a_one_class_test_split_is_not_scored_and_the_run_fails_after_its_files(
+    tmp_path: Path, capsys
+):
+    """Only normal images (anomaly_fraction=0): no AUROC; results.json says not_scored and
+    why, scores.csv is written, the table has a status line, and the run ends with one line."""
+    cfg = compose_cfg([*tiny_overrides("autoencoder"), "data.anomaly_fraction=0"], tmp_path)
+    with pytest.raises(SystemExit) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith("error: not scored: test: only normal")
+    results = json.loads((tmp_path / "results.json").read_text())
+    for split in ("val", "test"):
+        assert results[f"{split}/status"] == "not_scored"
+        assert results[f"{split}/reason"] == "only normal images (32): the AUROC needs both classes"
+        assert f"{split}/auroc" not in results
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 1 + 32
+    assert "| status | not_scored: only normal images (32)" in capsys.readouterr().out
+    from anogan_lightning.artefacts import read_finished
+
+    assert read_finished(tmp_path) is None  # a failed run: skip_finished reruns it
+    extra_failed = {"test/auroc": 0.9, "test_duke/status": "not_scored", "test_duke/reason": "r"}
+    (tmp_path / "results.json").write_text(json.dumps(extra_failed))
+    assert read_finished(tmp_path) is None
+
+
+def _bscan_folder(root: Path) -> None:
+    """Kermany's layout: train/, val/, test/ with NORMAL and DME class folders of phantoms."""
+    from test_bscan_windows import save, scan
+
+    for offset, (split, n) in enumerate((("train", 4), ("val", 2), ("test", 2))):
+        for k in range(n):
+            seed = 10 * offset + k  # other scans in every split
+            save(root / f"{split}/NORMAL/NORMAL-{k}-{split}.png", scan(seed=seed)[0])
+            if split != "train":
+                save(root / f"{split}/DME/DME-{k}-{split}.png", scan(seed=50 + seed, cyst=True)[0])
+
+
+def _bscan_overrides(root: Path, cache: Path) -> list[str]:
+    from test_bscan_windows import S
+
+    overrides = [o for o in tiny_overrides("autoencoder") if not o.startswith("data.")]
+    return overrides + [
+        "data=bscan_folder",
+        f"data.root={root}",
+        f"data.image_size={S}",
+        "data.retina.height=32",
+        "data.retina.spacing_y_um=7.74",
+        "data.window_stride=16",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.eval_batch_size=1",
+        f"data.cache_dir={cache}",
+    ]
+
+
+def test_bscans_cut_off_by_a_batch_limit_are_left_out_and_counted(tmp_path: Path, capsys):
+    """limit_test_batches stops inside the last test B-scan's windows: the test split is scored
+    on its complete B-scans (partial), says how many were left out, and the run succeeds."""
+    import warnings
+
+    from hydra.utils import instantiate
+
+    _bscan_folder(tmp_path / "scans")
+    overrides = _bscan_overrides(tmp_path / "scans", tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = instantiate(compose_cfg(overrides, tmp_path / "x").data)
+        dm.setup("test")
+        counts, labels = dm.test_set.window_counts, dm.test_set.image_labels
+        assert len(counts) == 4 and len(set(labels[:3].tolist())) == 2  # both classes first
+        limit = int(counts[:3].sum()) + 1  # eval_batch_size=1: one window into B-scan 4
+        cfg = compose_cfg([*overrides, f"++trainer.limit_test_batches={limit}"], tmp_path / "run")
+        results = run(cfg)
+    assert results["test/status"] == "partial" and results["test/dropped"] == 1
+    assert results["test/reason"].startswith("1 of 4 B-scans left out")
+    assert results["val/status"] == "ok" and "val/reason" not in results
+    check_results_against_scores(tmp_path / "run", results)  # the metrics of the rows written
+    rows = (tmp_path / "run/scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].split(",")[-3:] == ["thickness", "map_retina", "class"]
+    assert "| status | ok | partial: 1 of 4 B-scans left out" in capsys.readouterr().out
+
+
+def test_a_wrong_extra_test_root_stops_the_run_before_training(tmp_path: Path, monkeypatch):
+    from anogan_lightning.data.bscan_folder import BScanFolderDataModule
+
+    if not hasattr(BScanFolderDataModule, "check"):  # the data modules' own check() (issue 26)
+        monkeypatch.setattr(
+            BScanFolderDataModule, "check", lambda self: self.setup("test"), raising=False
+        )
+    _bscan_folder(tmp_path / "scans")
+    overrides = _bscan_overrides(tmp_path / "scans", tmp_path / "cache")
+    overrides += [f"+extra_test.duke.root={tmp_path / 'nowhere'}"]
+    with pytest.raises(FileNotFoundError, match=r"extra_test\.duke: .*nowhere"):
+        run(compose_cfg(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run/checkpoints").exists()  # stopped before the fit
+
+
+def test_wandb_config_before_the_fit_and_the_model_artifact(tmp_path: Path, monkeypatch):
+    """logger=wandb: the config is in the W&B run before training starts; wandb_model=true
+    uploads checkpoints/model.ckpt as a model artifact."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import pytorch_lightning as pl
+
+    seen = {}
+    fit = pl.Trainer.fit
+
+    def spy_fit(self, *args, **kwargs):
+        seen["config_at_fit"] = dict(wandb.run.config).get("config", {}).get("seed")
+        return fit(self, *args, **kwargs)
+
+    def spy_artifact(self, artifact, *args, **kwargs):
+        seen["artifact"] = (artifact.type, sorted(artifact.manifest.entries))
+
+    monkeypatch.setattr(pl.Trainer, "fit", spy_fit)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log_artifact", spy_artifact)
+    overrides = [*tiny_overrides("autoencoder"), "logger=wandb", "wandb_model=true", "seed=3"]
+    run(compose_cfg(overrides, tmp_path))
+    assert seen == {"config_at_fit": 3, "artifact": ("model", ["model.ckpt"])}

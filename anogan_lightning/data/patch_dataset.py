@@ -5,7 +5,7 @@ A batch is one gather from the memmap (``ds[indices]``, indices from
 :class:`~anogan_lightning.data.patch_sampler.PatchBatchSampler`), not ``batch_size``
 ``__getitem__`` calls and a collate. Batches follow the package contract (``x``, ``label``,
 ``id`` = ``"<volume file>:b<B-scan>:y<row>:x<col>"``, ``mask``) plus ``coords`` (B, 3) int64
-for stitching patch anomaly maps back into B-scans (:mod:`anogan_lightning.pixel_eval`).
+for stitching patch anomaly maps back into B-scans (:mod:`anogan_lightning.evaluation.stitch`).
 """
 
 from __future__ import annotations

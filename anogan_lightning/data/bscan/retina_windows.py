@@ -51,9 +51,9 @@ class RetinaBScanDataset(Dataset):
     (3,) = (B-scan index, y, x) and ``mask`` (1, S, S) where the scans have masks. Grid windows
     are scored one by one and aggregated into a B-scan score by the method's base class
     (``aggregate``: max, mean, the mean of the ``top_k`` highest, or ``map_retina``: the mean
-    of the stitched map over the retina, :func:`anogan_lightning.pixel_eval.retina_map_scores`)
+    of the stitched map over the retina, :func:`anogan_lightning.evaluation.stitch.retina_map_scores`)
     and their maps stitched into one map per B-scan
-    (:class:`anogan_lightning.pixel_eval.Stitcher`, through ``image_shapes``, ``image_ids``,
+    (:class:`anogan_lightning.evaluation.stitch.Stitcher`, through ``image_shapes``, ``image_ids``,
     :meth:`image`, :meth:`image_mask`), set to 0 outside the retina by :meth:`restrict_maps`
     when ``map_region="retina"``.
 
@@ -197,6 +197,12 @@ class RetinaBScanDataset(Dataset):
     @property
     def image_labels(self) -> torch.Tensor:
         return self.labels
+
+    @property
+    def window_counts(self) -> np.ndarray:
+        """(n_images,) int64: grid windows per B-scan (``mode="grid"``; else zeros)."""
+        self._require()
+        return np.bincount(self._windows[:, 0], minlength=len(self.paths)).astype(np.int64)
 
     @property
     def image_shapes(self) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Pixel-level evaluation: stitching, pixel AUROC and best Dice against hand-computed cases."""
+"""Pixel-level evaluation: stitching, pixel AUROC and best Dice against hand-computed cases,
+the overlay figures."""
 
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from anogan_lightning import pixel_eval as pe
+from anogan_lightning.evaluation import figures, stitch
+from anogan_lightning.evaluation import pixel as pe
 
 
 def test_stitch_averages_overlaps_and_leaves_gaps_nan():
     amaps = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[3.0, 3.0], [3.0, 3.0]]]])  # (2, 1, 2, 2)
     coords = torch.tensor([[0, 0, 0], [0, 1, 1]])
-    maps = pe.stitch(amaps, coords, np.array([[3, 3]]))
+    maps = stitch.stitch(amaps, coords, np.array([[3, 3]]))
     expected = np.array([[1, 1, np.nan], [1, 2, 3], [np.nan, 3, 3]], dtype=np.float32)
     np.testing.assert_array_equal(maps[0], expected)
 
 
 def test_stitcher_accumulates_batches_and_pads_narrow_bscans():
-    s = pe.Stitcher(np.array([[2, 4], [2, 2]]))  # the second B-scan is narrower
+    s = stitch.Stitcher(np.array([[2, 4], [2, 2]]))  # the second B-scan is narrower
     s.add(np.full((1, 1, 2, 2), 5.0), np.array([[1, 0, 0]]))
     s.add(np.full((1, 2, 2), 1.0), np.array([[0, 0, 2]]))
     s.add(np.full((1, 2, 2), 3.0), np.array([[0, 0, 2]]))
@@ -32,7 +34,7 @@ def test_stitcher_accumulates_batches_and_pads_narrow_bscans():
     np.testing.assert_array_equal(maps[1, :, :2], 5.0)
     with pytest.raises(ValueError, match="leaves B-scan 1"):
         s.add(np.zeros((1, 2, 2)), np.array([[1, 0, 1]]))
-    masks = pe.pad_stack([None, np.ones((2, 2))], maps.shape)
+    masks = stitch.pad_stack([None, np.ones((2, 2))], maps.shape)
     assert masks.shape == maps.shape and masks.sum() == 4 and masks[1, :, 2:].sum() == 0
 
 
@@ -96,11 +98,11 @@ def test_overlay_pngs(tmp_path):
     amap[:, :32] = np.linspace(0, 1, 32)
     mask = np.zeros((40, 60), np.uint8)
     mask[10:20, 10:20] = 1
-    path = pe.save_overlay(tmp_path / "one.png", image, amap, mask, title="vol:b0")
+    path = figures.save_overlay(tmp_path / "one.png", image, amap, mask, title="vol:b0")
     with Image.open(path) as im:
         assert im.size[0] > im.size[1] > 0
     maps = np.stack([amap, amap, amap])
-    masks = pe.pad_stack([None, mask, mask * 0], maps.shape)
+    masks = stitch.pad_stack([None, mask, mask * 0], maps.shape)
     drawn = []
 
     def image_of(i: int) -> np.ndarray:
@@ -108,11 +110,11 @@ def test_overlay_pngs(tmp_path):
         return image
 
     ids = ["a:b0", "b:b1", "c:b2"]
-    paths = pe.write_overlays(tmp_path / "maps", maps, masks, image_of, ids, n=2)
+    paths = figures.write_overlays(tmp_path / "maps", maps, masks, image_of, ids, n=2)
     assert [p.name for p in paths] == ["bscan_00_b_b1.png", "bscan_01_a_b0.png"]  # lesion first
     assert drawn == [1, 0] and all(p.is_file() for p in paths)
     files = ["scans/x.png", "scans/y.JPEG", "scans/z.png"]  # 2-D B-scans: no doubled suffix
-    paths = pe.write_overlays(tmp_path / "files", maps, masks, image_of, files, n=2)
+    paths = figures.write_overlays(tmp_path / "files", maps, masks, image_of, files, n=2)
     assert [p.name for p in paths] == ["bscan_00_y.png", "bscan_01_x.png"]
 
 
@@ -130,7 +132,7 @@ def fast_bincount():
 def test_binned_and_exact_metrics_match_torchmetrics_on_unit_range_scores(fast_bincount):
     """The hand-written metrics give torchmetrics' results where torchmetrics applies: scores
     inside [0, 1] (it passes others through a sigmoid), thresholds at our bin edges. Why
-    pixel_eval keeps its own code is in its module docstring; the raw-score case is below."""
+    evaluation.pixel keeps its own code is in its module docstring; the raw-score case is below."""
     tm = pytest.importorskip("torchmetrics.functional.classification")
     rng = np.random.default_rng(0)
     t = rng.random(20_000) < 0.1
@@ -172,7 +174,7 @@ def test_stitcher_matches_fold_on_a_stride_lattice():
     present = rng.random(len(corners)) < 0.7  # the grid keeps only patches touching the retina
     amaps = rng.random((len(corners), size, size)).astype(np.float32)
 
-    s = pe.Stitcher(np.array([[h, w]]))
+    s = stitch.Stitcher(np.array([[h, w]]))
     keep = np.flatnonzero(present)
     s.add(amaps[keep], np.c_[np.zeros(len(keep), np.int64), corners[keep]])
 

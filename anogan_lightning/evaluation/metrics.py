@@ -46,6 +46,7 @@ def _check(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def has_both_classes(labels: Tensor) -> bool:
+    """Whether ``labels`` hold at least one normal (0) and one anomalous (1) image."""
     labels = torch.as_tensor(labels)
     return bool((labels == 0).any() and (labels == 1).any())
 
@@ -205,6 +206,29 @@ def roc_curve(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     thresholds = torch.cat([torch.tensor([math.inf], dtype=torch.float64), uniq.flip(0)])
     assert len(thresholds) == len(fpr), (len(thresholds), len(fpr))
     return fpr.double(), tpr.double(), thresholds
+
+
+def roc_points(
+    scores: Tensor, labels: Tensor, max_points: int = 1000
+) -> tuple[list[float], list[float]]:
+    """(fpr, tpr) of :func:`roc_curve` thinned to at most about ``max_points`` points for a
+    plot (a test set of 10^5 images has up to 10^5 + 1): the points closest to evenly spaced
+    positions along the curve's length, both ends kept. Only for drawing; the AUROC is
+    computed on the whole curve."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    if len(fpr) <= max_points:
+        return fpr.tolist(), tpr.tolist()
+    step = torch.sqrt(torch.diff(fpr) ** 2 + torch.diff(tpr) ** 2)
+    along = torch.cat([torch.zeros(1, dtype=torch.float64), step.cumsum(0)])
+    targets = torch.linspace(0, float(along[-1]), max_points, dtype=torch.float64)
+    keep = torch.unique(torch.searchsorted(along, targets).clamp_max(len(fpr) - 1))
+    keep = torch.unique(torch.cat([torch.tensor([0, len(fpr) - 1]), keep]))
+    return fpr[keep].tolist(), tpr[keep].tolist()
+
+
+def is_ci(key: str) -> bool:
+    """Whether a results key is a confidence-interval bound (``..._ci_low``, ``..._ci_high``)."""
+    return key.endswith(("_ci_low", "_ci_high"))
 
 
 def auroc(scores: Tensor, labels: Tensor) -> float:
