@@ -4,7 +4,9 @@
 The graph takes a batch of preprocessed B-scans x (B, C, S, S) in [-1, 1] (B free, C and S the
 model's) and returns (score (B,), amap (B, 1, S, S)), computed by the method's own ``score()``
 (wrapped by :class:`Scorer`, so the exported scores are the checkpoint's, not a copy of its
-formula). Beside the file, ``<file>.json`` (the sidecar) records what a deployment needs to
+formula). Beside the file, ``MODEL_CARD.md`` (:mod:`anogan_lightning.model_card`: intended
+use, training data, threshold, test AUROCs from the run's results.json) and ``<file>.json``
+(the sidecar), which records what a deployment needs to
 apply the same decision: the method, the score's name, the input shape, the validation
 threshold (anomalous when score >= threshold), the training run's data settings (the
 preprocessing), the score components the checkpoint reports (the graph returns the score and
@@ -38,7 +40,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from anogan_lightning import exported
+from anogan_lightning import exported, model_card
 from anogan_lightning.extras import MissingExtraError, require
 from anogan_lightning.predict import load_model
 
@@ -194,10 +196,15 @@ def check_parity(model, path: Path, shape: tuple[int, int, int]) -> dict:
 
 
 def export(
-    ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True
+    ckpt: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    verify: bool = True,
+    card: bool = True,
 ) -> Path:
     """Export ``ckpt``'s scorer to ``out`` (default: beside the checkpoint, same stem) and write
-    ``<out>.json``; returns the exported file's path."""
+    ``<out>.json`` and (``card``) ``MODEL_CARD.md`` beside it; returns the exported file's
+    path."""
     if fmt not in exported.FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {', '.join(exported.FORMATS)}")
     ckpt = Path(ckpt)
@@ -243,6 +250,8 @@ def export(
                 f.unlink(missing_ok=True)
             raise
         side.write_text(json.dumps(meta, indent=2) + "\n")
+    if card:  # from the checkpoint and its run's results.json (anogan_lightning.model_card)
+        model_card.write(ckpt, out.with_name(model_card.NAME))
     return out
 
 
@@ -259,7 +268,10 @@ def main(cfg: DictConfig) -> None:
             f"; max |score - checkpoint's| {parity['max_abs_diff_score']:.2g}, "
             f"max |amap - checkpoint's| {parity['max_abs_diff_amap']:.2g}"
         )
-    print(f"exported {cfg['format']}: {out} (sidecar {exported.sidecar_path(out).name}){note}")
+    print(
+        f"exported {cfg['format']}: {out} (sidecar {exported.sidecar_path(out).name}, "
+        f"{model_card.NAME}){note}"
+    )
 
 
 if __name__ == "__main__":
