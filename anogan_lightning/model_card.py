@@ -1,6 +1,6 @@
-"""A model card for a trained model: ``MODEL_CARD.md`` from its checkpoint and its run's
-``results.json``: ``anogan-lightning model-card <model.ckpt> [--results <results.json>]
-[--out <file or folder>]``.
+"""Model cards: ``MODEL_CARD.md`` for a trained model, from its checkpoint and its run's results.
+
+``anogan-lightning model-card <model.ckpt> [--results <results.json>] [--out <file or folder>]``.
 
 Written by ``export`` beside the exported file, and by ``predict model_card=true`` beside
 ``predictions.csv``. Sections: intended use (research, not diagnosis); the model (method,
@@ -185,8 +185,8 @@ def _yaml(value) -> str:
 def build(model: str | Path, results: str | Path | None = None) -> str:
     """The card's Markdown for a checkpoint or exported file (``results``: its run's
     ``results.json``; default: looked up beside the run)."""
-    rec = _load_record(Path(model))
-    res_path = Path(results) if results else results_path(rec["checkpoint"])
+    rec = _load_record(Path(model).resolve())
+    res_path = Path(results).resolve() if results else results_path(rec["checkpoint"])
     res: dict = {}
     if res_path is not None and res_path.is_file():
         res = json.loads(res_path.read_text())
@@ -207,7 +207,7 @@ def build(model: str | Path, results: str | Path | None = None) -> str:
     lines = [
         f"# Model card: {name}",
         "",
-        f"Written by anogan-lightning {__version__} (`anogan-lightning model-card`) from "
+        f"Written by anogan-lightning {__version__} from "
         f"`{rec['source']}`"
         + (f" and `{res_path}`" if res else " (no results.json found beside its run)")
         + ". Every number below is copied from them.",
