@@ -4,13 +4,13 @@
 The graph takes a batch of preprocessed B-scans x (B, C, S, S) in [-1, 1] (B free, C and S the
 model's) and returns (score (B,), amap (B, 1, S, S)), computed by the method's own ``score()``
 (wrapped by :class:`Scorer`, so the exported scores are the checkpoint's, not a copy of its
-formula). Beside the file, ``MODEL_CARD.md`` (:mod:`anogan_lightning.model_card`: intended
-use, training data, threshold, test AUROCs from the run's results.json) and ``<file>.json``
-(the sidecar), which records what a deployment needs to
+formula). Beside the file, ``<file>.json`` (the sidecar) records what a deployment needs to
 apply the same decision: the method, the score's name, the input shape, the validation
 threshold (anomalous when score >= threshold), the training run's data settings (the
 preprocessing), the score components the checkpoint reports (the graph returns the score and
-the map only), the torch version, and the parity check the export ran.
+the map only), the torch version, and the parity check the export ran; ``MODEL_CARD.md``
+(:mod:`anogan_lightning.model_card`) says what the model is for and how well it did: intended
+use, training data, threshold, and the test AUROCs of the run's results.json.
 
 Formats: ``onnx`` (``.onnx``, one file, through ``torch.onnx.export``'s torch.export-based
 exporter; run with onnxruntime) and ``torchscript`` (``.pt``, ``torch.jit.trace``; run with
