@@ -32,7 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "calibrate": ("anogan_lightning.calibrate", "calibrate a trained model (when installed)"),
 }
 #: verbs whose ``main`` is a ``@hydra.main`` (reads ``sys.argv``; returns nothing useful)
-HYDRA_VERBS = ("train", "predict", "export")
+HYDRA_VERBS = ("train", "predict", "export", "calibrate")
 
 
 def available() -> dict[str, tuple[str, str]]:
