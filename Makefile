@@ -1,5 +1,6 @@
 # anogan-lightning: `make train` (installs, then runs the main job), `make test`, `make lint`, `make bench`,
-# `make quality` (the seeded quality benchmark: hours on a CPU; see benchmarks/quality.py)
+# `make quality` (the seeded quality benchmark: hours on a CPU; see anogan_lightning/quality.py).
+# Installed, the same jobs are console commands: anogan-lightning train|predict|export|report|quality
 PYTHON ?= python3
 # a torch wheel installed before the package, so pip never pulls a multi-GB CUDA build on a
 # CPU-only machine; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" from your CUDA index
@@ -34,7 +35,7 @@ bench: install
 	$(PYTHON) benchmarks/run.py $(ARGS)
 
 quality: install
-	$(PYTHON) benchmarks/quality.py $(ARGS)
+	$(PYTHON) -m anogan_lightning.quality $(ARGS)
 
 clean:
 	rm -rf outputs multirun $(STAMP)

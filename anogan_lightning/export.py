@@ -9,7 +9,9 @@ apply the same decision: the method, the score's name, the input shape, the vali
 threshold (anomalous when score >= threshold), the training run's data settings and its
 B-scan preprocessing record where the checkpoint has one (predict rebuilds the preprocessing
 from them as from the checkpoint), the score components the checkpoint reports (the graph
-returns the score and the map only), the torch version, and the parity check the export ran.
+returns the score and the map only), the torch version, and the parity check the export ran;
+``MODEL_CARD.md`` (:mod:`anogan_lightning.model_card`) says what the model is for and how well
+it did: intended use, training data, threshold, and the test AUROCs of the run's results.json.
 
 Formats: ``onnx`` (``.onnx``, one file, through ``torch.onnx.export``'s torch.export-based
 exporter; run with onnxruntime) and ``torchscript`` (``.pt``, ``torch.jit.trace``; run with
@@ -39,7 +41,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from anogan_lightning import exported
+from anogan_lightning import exported, model_card
 from anogan_lightning.extras import MissingExtraError, require
 from anogan_lightning.predict import load_checkpoint
 
@@ -195,10 +197,15 @@ def check_parity(model, path: Path, shape: tuple[int, int, int]) -> dict:
 
 
 def export(
-    ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None, verify: bool = True
+    ckpt: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    verify: bool = True,
+    card: bool = True,
 ) -> Path:
     """Export ``ckpt``'s scorer to ``out`` (default: beside the checkpoint, same stem) and write
-    ``<out>.json``; returns the exported file's path."""
+    ``<out>.json`` and (``card``) ``MODEL_CARD.md`` beside it; returns the exported file's
+    path."""
     if fmt not in exported.FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {', '.join(exported.FORMATS)}")
     ckpt = Path(ckpt)
@@ -248,6 +255,8 @@ def export(
                 f.unlink(missing_ok=True)
             raise
         side.write_text(json.dumps(meta, indent=2) + "\n")
+    if card:  # from the checkpoint and its run's results.json (anogan_lightning.model_card)
+        model_card.write(ckpt, out.with_name(model_card.NAME))
     return out
 
 
@@ -264,7 +273,10 @@ def main(cfg: DictConfig) -> None:
             f"; max |score - checkpoint's| {parity['max_abs_diff_score']:.2g}, "
             f"max |amap - checkpoint's| {parity['max_abs_diff_amap']:.2g}"
         )
-    print(f"exported {cfg['format']}: {out} (sidecar {exported.sidecar_path(out).name}){note}")
+    print(
+        f"exported {cfg['format']}: {out} (sidecar {exported.sidecar_path(out).name}, "
+        f"{model_card.NAME}){note}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ extra that installs it.
 
 The core install trains, evaluates and reports on Kermany and synthetic data; everything else
 is an extra: ``sweeps`` (Optuna sweeper), ``slurm`` (submitit launcher), ``volumes`` (eyepy,
-nibabel, tifffile) and ``export`` (onnx, onnxruntime, onnxscript). Modules of an extra are
+nibabel, tifffile), ``export`` (onnx, onnxruntime, onnxscript), ``wandb`` and ``tensorboard``
+(``logger=wandb``, ``logger=tensorboard``; the default logger is CSV). Modules of an extra are
 imported where a feature needs them, through :func:`require`, never at the top of a module.
 """
 
@@ -26,13 +27,18 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "onnxscript": ("onnxscript", "export"),
     "hydra_plugins.hydra_optuna_sweeper": ("hydra-optuna-sweeper", "sweeps"),
     "hydra_plugins.hydra_submitit_launcher": ("hydra-submitit-launcher", "slurm"),
+    "wandb": ("wandb", "wandb"),
+    "tensorboard": ("tensorboard", "tensorboard"),
 }
 
-#: Hydra config-group options that a plugin of an extra provides -> the plugin's module
+#: Hydra config-group options that need a module of an extra (a Hydra plugin, a logger's
+#: library) -> that module
 PLUGIN_OPTIONS: dict[tuple[str, str], str] = {
     ("hydra/sweeper", "optuna"): "hydra_plugins.hydra_optuna_sweeper",
     ("hydra/launcher", "submitit_slurm"): "hydra_plugins.hydra_submitit_launcher",
     ("hydra/launcher", "submitit_local"): "hydra_plugins.hydra_submitit_launcher",
+    ("logger", "wandb"): "wandb",
+    ("logger", "tensorboard"): "tensorboard",
 }
 
 

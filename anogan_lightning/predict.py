@@ -40,6 +40,7 @@ Writes into the run directory (``outputs/predict/<date>_<time>/``):
   ``kind`` (image, volume), ``score``, every score component, ``anomalous`` (1 when
   ``rule`` holds), ``threshold``, ``rule``; volumes also ``bscans``, ``anomalous_bscans``,
   ``patches`` and ``anomalous_patches``; ``error`` (the reason for a skipped file);
+- ``MODEL_CARD.md`` with ``model_card=true``: the model's card (:mod:`anogan_lightning.model_card`);
 - ``bscans.csv`` (volume checkpoints): one row per (volume, B-scan): ``path``, ``bscan``,
   ``score``, components, ``anomalous``, ``threshold``, ``patches``, ``anomalous_patches``,
   ``heatmap``;
@@ -67,8 +68,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from anogan_lightning import model_card, provenance
 from anogan_lightning import predict_volume as pv
-from anogan_lightning import provenance
 from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, walk_files
 from anogan_lightning.data.bscan.preprocessing import (
     BScanPreprocessing,
@@ -415,6 +416,8 @@ def predict(cfg: DictConfig) -> Path:
     if cfg.heatmaps:
         (out / "heatmaps").mkdir(exist_ok=True)
     write_provenance(out / "provenance.json", cfg.ckpt, model.provenance)
+    if cfg.get("model_card"):
+        model_card.write(cfg.ckpt, out / model_card.NAME)
     with ExitStack() as stack:
         fh = stack.enter_context(open(out / "predictions.csv", "w", newline=""))
         bscans = None

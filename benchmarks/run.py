@@ -17,8 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def available() -> list[str]:
-    # quality.py is the hours-long quality benchmark (make quality), not a timing benchmark
-    skip = ("run", "common", "quality")
+    skip = ("run", "common")
     return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in skip)
 
 

@@ -229,7 +229,8 @@ def test_exported_file_without_or_with_a_bad_sidecar(checkpoints, tmp_path: Path
 
 
 def test_command_line(checkpoints, tmp_path: Path):
-    """The CLI writes the file and its sidecar only; AnoGAN stops with one line."""
+    """The CLI writes the file, its sidecar and the model card only; AnoGAN stops with one
+    line."""
     ckpt = checkpoints("autoencoder")
     anogan = _train("anogan", tmp_path / "anogan", validate=False)
     code = f"""
@@ -255,8 +256,9 @@ def test_command_line(checkpoints, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     pt = ckpt.with_suffix(".pt")  # out=null: beside the checkpoint
-    assert lines[0].startswith(f"exported torchscript: {pt} (sidecar model.pt.json)")
+    assert lines[0].startswith(f"exported torchscript: {pt} (sidecar model.pt.json, MODEL_CARD.md)")
     assert pt.is_file() and exported.sidecar_path(pt).is_file()
+    assert (pt.parent / "MODEL_CARD.md").is_file()
     assert lines[1] == (
         "EXIT error: AnoGAN cannot be exported as one graph: it scores each image by an "
         "optimisation (a latent search of mapping_steps gradient steps through the generator), "

@@ -28,6 +28,9 @@ BLOCKED = [
     "submitit",
     "hydra_plugins.hydra_optuna_sweeper",
     "hydra_plugins.hydra_submitit_launcher",
+    "wandb",
+    "tensorboard",
+    "skimage",  # a dev extra (a test's reference), never imported by the package
 ]
 BLOCK = f"import sys\nfor _m in {BLOCKED!r}:\n    sys.modules[_m] = None\n"
 

@@ -1,5 +1,6 @@
-"""benchmarks/quality.py on tiny synthetic runs: both tables with the right rows, a resumable
-sweep (a rerun skips finished jobs), a failed job reported rather than fatal."""
+"""The quality benchmark (``anogan-lightning quality``) on tiny synthetic runs: both tables with
+the right rows, a resumable sweep (a rerun skips finished jobs), a failed job reported rather
+than fatal."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_DATA
 
+from anogan_lightning import quality
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TINY = [*TINY_DATA, "data.image_size=16", "method.width=8"]
 
 
 def _quality(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "benchmarks/quality.py"), "--data", "synthetic", *args]
+    cmd = [sys.executable, "-m", "anogan_lightning.quality", "--data", "synthetic", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -108,19 +111,9 @@ def test_ganr_maps_the_same_seeds_anogan_networks(tmp_path: Path):
     assert not results.get("train/steps")  # no training of its own
 
 
-def _module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks/quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    return quality
-
-
 def test_a_method_override_no_benchmarked_method_has_is_an_error(capsys):
     """A ``method.<key>`` override reaches only the methods whose config has the key; one that
     reaches none of them would be dropped silently, so it is refused, naming the key."""
-    quality = _module()
     with pytest.raises(SystemExit):
         quality.parse_args(["--methods", "autoencoder,fanogan", "method.no_such_key=1"])
     assert "'no_such_key'" in capsys.readouterr().err
@@ -130,7 +123,6 @@ def test_a_method_override_no_benchmarked_method_has_is_an_error(capsys):
 
 
 def test_other_seeds_in_the_folder_join_the_tables(tmp_path: Path):
-    quality = _module()
     for name in ("autoencoder_seed0", "autoencoder_seed3", "autoencoder_seedx", "acae_seed1"):
         (tmp_path / name).mkdir()
     jobs = [
@@ -150,7 +142,6 @@ def test_other_seeds_in_the_folder_join_the_tables(tmp_path: Path):
 
 
 def test_ganr_without_its_anogan_checkpoint_fails_with_the_reason(tmp_path: Path):
-    quality = _module()
     job = {"method": "ganr", "seed": 0, "name": "ganr_seed0", "index": 2, "total": 2}
     job |= {"after": "anogan_seed0", "overrides": []}
     job["checkpoint"] = str(tmp_path / "anogan_seed0/checkpoints/model.ckpt")

@@ -22,6 +22,8 @@ The iteration at which stage 1 ended is the ``gan_iterations`` buffer. A fit in 
 never trained (stage 2 never ran, or ``encoder_steps=0``) has no usable score:
 :meth:`FAnoGAN.training_complete` is False (:meth:`FAnoGAN.incomplete_reason` says why), and the
 entry point then reports no headline.
+With ``trainer.fast_dev_run`` (Lightning's smoke test, one training batch) stage 1 is one
+iteration and that batch also runs stage 2's first, so the smoke test covers both stages.
 Stage 1 alone: ``encoder_steps=0``. Stage 2 alone: ``gan_checkpoint=<a
 FAnoGAN checkpoint>`` loads G and C from it when fitting starts and skips stage 1 (the
 architecture arguments must match the checkpoint's). The iteration counter is a buffer, so a
@@ -253,7 +255,15 @@ class FAnoGAN(AnomalyModule):
         else:
             self._encoder_step(batch["x"])
         self.iteration += 1
-        if it + 1 >= n_gan + n_enc:
+        if stage == 1 and n_enc > 0 and self.trainer.fast_dev_run:
+            # Lightning's smoke test runs one batch: stage 1 ends after this iteration and
+            # the same batch runs stage 2's first, so both stages and the test are exercised
+            self.gan_iterations.fill_(it + 1)
+            n_gan = it + 1
+            self._enter_stage(2)
+            self._encoder_step(batch["x"])
+            self.iteration += 1
+        if int(self.iteration) >= n_gan + n_enc:
             self.trainer.should_stop = True
 
     def _gan_step(self, x: Tensor, it: int) -> None:

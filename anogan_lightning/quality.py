@@ -1,4 +1,5 @@
-"""The seeded quality benchmark: ``make quality`` or ``python benchmarks/quality.py [options]``.
+"""The seeded quality benchmark: ``anogan-lightning quality [options]`` (= ``make quality``,
+``python -m anogan_lightning.quality``).
 
 Trains every method named (default: every ``conf/method/*.yaml``) for N seeds under one time
 budget on one dataset, then compares them: ``quality.md`` and ``quality.csv`` in the output
@@ -50,13 +51,15 @@ import threading
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from anogan_lightning import artefacts, available_methods, method_config, report
+from anogan_lightning.evaluation import metrics
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout without an install
-
-from anogan_lightning import artefacts, available_methods, report  # noqa: E402
-from anogan_lightning.evaluation import metrics  # noqa: E402
+#: the folder that holds this package (a checkout, or site-packages): put first on the jobs'
+#: path, so that they run the same code as this process
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+#: Kermany's layout; relative to the directory the command is started in (a checkout beside
+#: ../shared/data)
+DEFAULT_DATA_ROOT = "../shared/data/kermany-mini"
 
 KERMANY_DEFAULTS = {
     "data.image_size": "64",
@@ -83,8 +86,8 @@ def _method_key(key: str) -> str | None:
 
 @functools.cache
 def method_keys(method: str) -> frozenset[str]:
-    cfg = OmegaConf.load(REPO / "anogan_lightning/conf/method" / f"{method}.yaml")
-    return frozenset(cfg.get("method", {}))
+    """The keys of a method's composed config (its defaults lists merged)."""
+    return frozenset(method_config(method))
 
 
 def job_overrides(args: argparse.Namespace, method: str, seed: int) -> list[str]:
@@ -133,7 +136,9 @@ def _run_job(job: dict, sweep: Path, log, done: dict[str, threading.Event]) -> d
         return job | {"skipped": True}
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")) if p
+        ),
         "OMP_NUM_THREADS": "1",  # torch takes its intra-op thread count from it
         "MKL_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",
@@ -390,7 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default="kermany", help="data group (default kermany)")
     ap.add_argument(
         "--data-root",
-        default=str(REPO.parent / "shared/data/kermany-mini"),
+        default=DEFAULT_DATA_ROOT,
         help="dataset folder (kermany layout: train/, test/ with class folders); '' for none",
     )
     ap.add_argument("--budget", default="00:00:12:00", help="trainer.max_time per job")
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(lambda j: run_job(j, sweep, log, done), jobs))
 
     rows = summarise(sweep, with_other_seeds(sweep, jobs), args.reference)
-    cmd = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "anogan-lightning quality " + " ".join(argv if argv is not None else sys.argv[1:])
     write_markdown(out / "quality.md", rows, args, cmd.strip())
     write_csv(out / "quality.csv", rows)
     try:  # the per-run table beside it
