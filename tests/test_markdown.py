@@ -24,6 +24,9 @@ See [the guide](docs/missing.md) and [a section](#no-such-section).
 | a | b | c |
 |---|---|
 | 1 | 2 | 3 |
+
+A link whose [text spans
+two lines](gone.md) is read too.
 """
 
 GOOD = """# Title
@@ -44,7 +47,8 @@ GOOD = """# Title
 
 `[not a link](nowhere.md)` and [the site](https://example.org/x.md), [home](other.md),
 [a section](#the-quality-benchmark-make-quality), [there](other.md#part-two),
-[a folder](sub), ![an image](sub/pic.png).
+[a folder](sub), ![an image](sub/pic.png), [a link across
+lines](other.md#part-two).
 
 [ref]: other.md
 """
@@ -83,6 +87,7 @@ def test_a_bad_file_fails_naming_file_and_line(tmp_path):
         "README.md:6: link to a missing file: docs/missing.md",
         "README.md:6: link to a missing anchor: #no-such-section",
         "README.md:8: table header has 3 cells, its delimiter row 2",
+        "README.md:13: link to a missing file: gone.md",
     ]
 
 

@@ -154,16 +154,19 @@ def anchors(path: Path) -> set[str]:
 
 
 def link_targets(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(line, target) of every link and image of the lines."""
+    """(line, target) of every link and image of the lines; a link's text may span lines (the
+    line reported is its target's)."""
+    by_number = dict(lines)
+    text = "\n".join(by_number.get(n, "") for n in range(1, max(by_number, default=0) + 1))
     out = []
+    for pattern in (INLINE_LINK, HTML_LINK):
+        for m in pattern.finditer(text):
+            out.append((text.count("\n", 0, m.start(1)) + 1, m.group(1).strip("<>")))
     for n, line in lines:
-        targets = [m.group(1) for m in INLINE_LINK.finditer(line)]
-        targets += HTML_LINK.findall(line)
         m = REF_DEF.match(line)
         if m:
-            targets.append(m.group(1))
-        out += [(n, t.strip("<>")) for t in targets]
-    return out
+            out.append((n, m.group(1).strip("<>")))
+    return sorted(out, key=lambda t: t[0])
 
 
 def check_links(
