@@ -26,6 +26,7 @@ test: install
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) tools/check_markdown.py
 
 format: install
 	$(PYTHON) -m ruff check --fix .
