@@ -20,12 +20,15 @@ The command that writes a site-calibrated checkpoint from these is not built yet
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from anogan_lightning.nets.dcgan import recalibrate_batch_norm
 
 DEFAULT_SPECIFICITY = 0.95
 
@@ -63,7 +66,6 @@ def rates_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[s
     return {"specificity": spec, "sensitivity": sens}
 
 
-@torch.no_grad()
 def adapt_batch_norm(
     model: nn.Module, forward: Callable[[Tensor], object], batches: Iterable[Tensor]
 ) -> int:
@@ -74,38 +76,25 @@ def adapt_batch_norm(
     Only the batch norms that ``forward`` calls are touched (found with forward hooks on the
     first batch): a discriminator the score does not use keeps its statistics. Those layers run
     in train mode without gradients, every other module in eval mode; parameters, momenta and
-    the model's mode are restored. With no batches nothing changes and it is an error.
+    the model's mode are restored (:func:`~anogan_lightning.nets.dcgan.recalibrate_batch_norm`).
+    With no batches nothing changes and it is an error.
     """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("adapt_batch_norm: no batches of normal scans")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
     used: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda m, *_: used.append(m)) for m in norms]
-    saved: dict[nn.Module, tuple] = {}
-    n = 0
+    was_training = model.training
     try:
         model.eval()
-        for x in batches:
-            if n == 0:  # find the layers the score runs through, then start from scratch
-                forward(x)
-                for h in hooks:
-                    h.remove()
-                hooks = []
-                for m in dict.fromkeys(used):
-                    saved[m] = (m.momentum, m.running_mean.clone(), m.running_var.clone())
-                    m.reset_running_stats()
-                    m.momentum = None  # cumulative average over the batches
-                    m.train()
-            forward(x)
-            n += 1
+        with torch.no_grad():
+            forward(first)  # which layers the score runs through
     finally:
         for h in hooks:
             h.remove()
-        for m, (momentum, mean, var) in saved.items():
-            m.momentum = momentum
-            if n == 0:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
         model.train(was_training)
-    if n == 0:
-        raise ValueError("adapt_batch_norm: no batches of normal scans")
-    return n
+    return recalibrate_batch_norm(
+        model, itertools.chain([first], batches), forward, list(dict.fromkeys(used))
+    )

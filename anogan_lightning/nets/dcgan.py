@@ -125,7 +125,12 @@ def sample_uniform_z(n: int, latent_dim: int, device=None, generator=None) -> Te
     return torch.rand(n, latent_dim, device=device, generator=generator) * 2 - 1
 
 
-def recalibrate_batch_norm(module: nn.Module, batches: Iterable[Tensor]) -> int:
+def recalibrate_batch_norm(
+    module: nn.Module,
+    batches: Iterable[Tensor],
+    forward=None,
+    norms: list[nn.Module] | None = None,
+) -> int:
     """Set the running mean and variance of every batch norm in ``module`` to their average
     over ``batches`` (each (B, C, H, W), already on the module's device); returns the number of
     batches used.
@@ -134,8 +139,15 @@ def recalibrate_batch_norm(module: nn.Module, batches: Iterable[Tensor]) -> int:
     ``module`` runs in train mode without gradients, as after training a network on exactly
     these batches; parameters are unchanged, and momenta and train/eval mode are restored.
     With no batches at all the previous statistics are kept and it is an error.
+
+    ``forward`` (default ``module``) is what runs each batch; ``norms`` (default: every batch
+    norm of ``module``) the layers recalibrated: when given, only they run in train mode and
+    the rest of ``module`` in eval mode.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    forward = module if forward is None else forward
+    only = norms is not None
+    if norms is None:
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
     was_training = module.training
     n = 0
@@ -143,10 +155,12 @@ def recalibrate_batch_norm(module: nn.Module, batches: Iterable[Tensor]) -> int:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches
-        module.train()
+        module.train(not only)
+        for m in norms:
+            m.train()
         with torch.no_grad():
             for x in batches:
-                module(x)
+                forward(x)
                 n += 1
     finally:
         for m, (momentum, mean, var) in zip(norms, saved, strict=True):
