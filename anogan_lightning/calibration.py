@@ -15,7 +15,8 @@ calibrate on, but it always has normal ones; this module sets the threshold from
 - :meth:`~anogan_lightning.methods.base.AnomalyModule.fit_map_norm` (optional,
   ``map_norm``): the residual normaliser of the ``zscore`` / ``dark_z`` maps re-fitted on them.
 
-The command that writes a site-calibrated checkpoint from these is not built yet (issue 25).
+The command that writes a site-calibrated checkpoint from these is
+:mod:`anogan_lightning.calibrate` (``anogan-lightning calibrate``).
 """
 
 from __future__ import annotations

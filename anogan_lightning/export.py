@@ -239,6 +239,8 @@ def export(
         # how a B-scan file becomes input (BScanPreprocessing.to_dict()), where the checkpoint
         # records it; predict rebuilds it from "data" otherwise
         **({"preprocessing": record["preprocessing"]} if record.get("preprocessing") else {}),
+        # the site calibration of a calibrated checkpoint (anogan_lightning.calibrate)
+        **({"calibration": record["calibration"]} if record.get("calibration") else {}),
         "hparams": _json_safe(dict(model.hparams)),
         "checkpoint": str(ckpt.resolve()),
         "torch": str(torch.__version__),

@@ -86,6 +86,7 @@ def _load_record(path: Path) -> dict:
             "preprocessing": side.get("preprocessing"),
             "provenance": side.get("provenance", {}),
             "threshold": math.nan if threshold is None else float(threshold),
+            "calibration": side.get("calibration"),
             "checkpoint": ckpt if side.get("checkpoint") else None,
             "source": path,
         }
@@ -103,13 +104,17 @@ def _load_record(path: Path) -> dict:
         "preprocessing": meta.get("preprocessing"),
         "provenance": meta.get("provenance", {}),
         "threshold": math.nan if threshold is None else float(threshold),
+        "calibration": meta.get("calibration"),
         "checkpoint": path,
         "source": path,
     }
 
 
-def results_path(ckpt: Path | None) -> Path | None:
-    """``<run>/results.json`` of ``<run>/checkpoints/<name>.ckpt`` (or beside the checkpoint)."""
+def results_path(ckpt: Path | None, calibration: dict | None = None) -> Path | None:
+    """``<run>/results.json`` of ``<run>/checkpoints/<name>.ckpt`` (or beside the checkpoint);
+    for a site-calibrated checkpoint, that of the training run it was calibrated from."""
+    if calibration and calibration.get("source_checkpoint"):
+        return results_path(Path(calibration["source_checkpoint"]))
     if ckpt is None:
         return None
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -186,7 +191,11 @@ def build(model: str | Path, results: str | Path | None = None) -> str:
     """The card's Markdown for a checkpoint or exported file (``results``: its run's
     ``results.json``; default: looked up beside the run)."""
     rec = _load_record(Path(model).resolve())
-    res_path = Path(results).resolve() if results else results_path(rec["checkpoint"])
+    res_path = (
+        Path(results).resolve()
+        if results
+        else results_path(rec["checkpoint"], rec.get("calibration"))
+    )
     res: dict = {}
     if res_path is not None and res_path.is_file():
         res = json.loads(res_path.read_text())
@@ -270,7 +279,20 @@ def build(model: str | Path, results: str | Path | None = None) -> str:
     lines += ["", "```yaml", _yaml(rec["preprocessing"] or data), "```"]
 
     lines += ["", "## Decision threshold", ""]
-    if math.isnan(threshold):
+    cal = rec.get("calibration")
+    if cal and not math.isnan(threshold):
+        lines.append(
+            f"**{threshold:.8g}** (raw score units): a scan is anomalous when its score >= the "
+            f"threshold. Site-calibrated (`anogan-lightning calibrate`, {cal['when']}"
+            + (f", site {cal['site']}" if cal.get("site") else "")
+            + f") on {cal['n_scored']} normal scans of `{cal['normals']}` (digest "
+            f"`{cal['scans_digest'][:12]}`): the cut-off keeping {cal['specificity_target']:g} "
+            f"of them below it (reached on them: {cal['specificity_on_calibration_scans']:.3f}); "
+            f"statistics re-estimated: {', '.join(cal['statistics']) or 'none'}. The training "
+            f"run's validation threshold was {cal['threshold_before']:.8g}; the operating points "
+            "under Performance are at that threshold, not at this one."
+        )
+    elif math.isnan(threshold):
         lines.append("None: the checkpoint was saved before validation chose one.")
     else:
         val_n = tuple(res.get(f"data/val_{c}") for c in ("normal", "anomalous"))

@@ -58,6 +58,7 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -86,10 +87,13 @@ SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + VOLUME_SUFFIXES))
 IMAGE_RULE = "score >= threshold"
 
 
-def list_inputs(path: str | Path) -> list[Path]:
+def list_inputs(path: str | Path | Sequence[str | Path]) -> list[Path]:
     """One file, or every image and volume file under a folder (recursively, sorted; links to
     folders and files followed), leaving out annotation masks (files under a ``masks/``
-    folder)."""
+    folder); for a list of files and folders, each in turn (in the given order, repeats
+    dropped)."""
+    if not isinstance(path, (str, Path)):
+        return list(dict.fromkeys(f for p in path for f in list_inputs(p)))
     path = Path(path)
     if path.is_file():
         return [path]
@@ -384,12 +388,14 @@ def _predict_volumes(model, files: list[Path], dm, cfg, device, rows: Rows, out:
     return n_ok, n_bad
 
 
-def write_provenance(path: Path, ckpt: str, training: dict) -> None:
-    """The model's training provenance (from its checkpoint) and this scoring run's own."""
+def write_provenance(path: Path, ckpt: str, training: dict, calibration: dict | None) -> None:
+    """The model's training provenance (from its checkpoint), its site calibration
+    (:mod:`anogan_lightning.calibrate`, where it has one) and this scoring run's own."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
     info = {
         "checkpoint": str(Path(ckpt).resolve()),
         "training": training,
+        "calibration": calibration,
         "predict": {
             **provenance.code(),
             **provenance.software_and_machine(),
@@ -415,7 +421,16 @@ def predict(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.heatmaps:
         (out / "heatmaps").mkdir(exist_ok=True)
-    write_provenance(out / "provenance.json", cfg.ckpt, model.provenance)
+    calibration = meta.get("calibration")
+    if calibration and cfg.threshold is None:
+        log.info(
+            "threshold %.6g: site-calibrated on %d normal scans of %s (specificity %s)",
+            threshold,
+            calibration["n_scored"],
+            calibration["normals"],
+            calibration["specificity_target"],
+        )
+    write_provenance(out / "provenance.json", cfg.ckpt, model.provenance, calibration)
     if cfg.get("model_card"):
         model_card.write(cfg.ckpt, out / model_card.NAME)
     with ExitStack() as stack:

@@ -120,3 +120,44 @@ def pytest_collection_modifyitems(config, items):
     ones then overlap each other and the short ones fill the gaps, instead of one long test
     starting last and running alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def train_retina_run(tmp: Path, rule: str = "topk", masks: bool = False) -> tuple[Path, Path]:
+    """A seconds-long auto-encoder on phantom B-scans (``resize=retina``, 32-px windows 16
+    apart on 32-row bands; tests/test_bscan_windows.py's phantoms): train/val/test NORMAL and
+    DME folders under ``tmp/scans`` (DME scans have a dark cyst; ``masks=True`` writes its mask
+    under ``masks/`` as the data layout does). Returns (run dir, scans root)."""
+    import warnings
+
+    from test_bscan_windows import S, save, scan
+
+    root = tmp / "scans"
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for k in range(n):
+            save(root / f"{split}/NORMAL/NORMAL-{k}-{split}.png", scan(seed=k + 10 * n)[0])
+            if split != "train":
+                img, mask = scan(seed=50 + k, cyst=True)
+                save(root / f"{split}/DME/DME-{k}-{split}.png", img)
+                if masks:
+                    save(root / f"masks/{split}/DME/DME-{k}-{split}.png", mask * 255)
+    overrides = [o for o in tiny_overrides("autoencoder") if not o.startswith("data.")]
+    overrides += [
+        "data=bscan_folder",
+        "data.resize=retina",
+        f"data.root={root}",
+        f"data.image_size={S}",
+        "data.retina.height=32",
+        "data.retina.spacing_y_um=7.74",
+        "data.window_stride=16",
+        f"data.aggregate={rule}",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        f"data.cache_dir={tmp / 'cache'}",
+        *(["data.mask_dir=masks"] if masks else []),
+    ]
+    from anogan_lightning.train import run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(compose_cfg(overrides, tmp / "run"))
+    return tmp / "run", root

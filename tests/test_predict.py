@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, compose_cfg, tiny_overrides
+from conftest import CONF, compose_cfg, tiny_overrides, train_retina_run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -231,38 +231,13 @@ def test_retina_checkpoint_scores_whole_scans_as_its_test_run(tmp_path: Path, ru
     scores every window and aggregates them by its rule, so a B-scan's score is the training
     run's test score of it; the stitched band map is the heatmap; a scan whose retina is not
     found is reported unreadable with the reason."""
-    import warnings
-
     from PIL import Image
-    from test_bscan_windows import S, save, scan
 
-    root = tmp_path / "scans"
-    for split, n in (("train", 4), ("val", 2), ("test", 2)):
-        for k in range(n):
-            save(root / f"{split}/NORMAL/NORMAL-{k}-{split}.png", scan(seed=k + 10 * n)[0])
-            if split != "train":
-                save(root / f"{split}/DME/DME-{k}-{split}.png", scan(seed=50 + k, cyst=True)[0])
-    overrides = [o for o in tiny_overrides("autoencoder") if not o.startswith("data.")]
-    overrides += [
-        "data=bscan_folder",
-        "data.resize=retina",
-        f"data.root={root}",
-        f"data.image_size={S}",
-        "data.retina.height=32",
-        "data.retina.spacing_y_um=7.74",
-        "data.window_stride=16",
-        f"data.aggregate={rule}",
-        "data.num_workers=0",
-        "data.batch_size=4",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(compose_cfg(overrides, tmp_path / "run"))
-    expected = {Path(r["id"]).name: float(r["score"]) for r in _rows(tmp_path / "run/scores.csv")}
+    run_dir, root = train_retina_run(tmp_path, rule)
+    expected = {Path(r["id"]).name: float(r["score"]) for r in _rows(run_dir / "scores.csv")}
     Image.fromarray(np.full((248, 384), 90, np.uint8)).save(root / "test/blank.png")
     out = tmp_path / "pred"
-    _predict(tmp_path / "run", root / "test", out, "batch_size=3")
+    _predict(run_dir, root / "test", out, "batch_size=3")
     rows = {Path(r["path"]).name: r for r in _rows(out / "predictions.csv")}
     assert set(rows) == set(expected) | {"blank.png"}
     for name, score in expected.items():
