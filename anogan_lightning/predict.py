@@ -63,6 +63,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -70,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from anogan_lightning import model_card, provenance
+from anogan_lightning import predict_bscans as pb
 from anogan_lightning import predict_volume as pv
 from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, walk_files
 from anogan_lightning.data.bscan.preprocessing import (
@@ -77,14 +79,23 @@ from anogan_lightning.data.bscan.preprocessing import (
     preprocessing_from_checkpoint,
 )
 from anogan_lightning.data.patch_dataset import PatchDataset
-from anogan_lightning.data.readers import VOLUME_SUFFIXES, stem, suffix
-from anogan_lightning.evaluation import figures, stitch
+from anogan_lightning.data.readers import (
+    VOLUME_SUFFIXES,
+    VolumeReadError,
+    read_volume,
+    stem,
+    suffix,
+)
+from anogan_lightning.evaluation import figures
 from anogan_lightning.exported import EXPORT_SUFFIXES, load_exported
 from anogan_lightning.extras import MissingExtraError
 
 log = logging.getLogger("anogan_lightning.predict")
 SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + VOLUME_SUFFIXES))
 IMAGE_RULE = "score >= threshold"
+# retina checkpoints: where the file's ILM/BM came from (volumes), scan columns whose retina was
+# not found reliably, and the map on the scan (.npy; a volume's en-face map)
+MAP_COLUMNS = ("boundaries", "unreliable_columns", "map")
 
 
 def list_inputs(path: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -109,32 +120,72 @@ def list_inputs(path: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def route(files: list[Path], volumes: bool, data: dict) -> tuple[list[Path], list[tuple]]:
-    """Files this checkpoint scores, and (path, kind, reason) for those it cannot.
+def n_pages(path: Path) -> int:
+    """B-scans in a TIFF: a multi-page TIFF (or one 3-D image, as tifffile writes a stack) is
+    an OCT volume, a single 2-D page a B-scan image; 1 when the file cannot be opened (the
+    reader then says why). tifffile where installed (the ``volumes`` extra), else PIL."""
+    try:
+        import tifffile
+    except ImportError:
+        tifffile = None
+    try:
+        if tifffile is not None:
+            with tifffile.TiffFile(path) as tf:
+                shape = tf.series[0].shape if tf.series else ()
+                n = len(tf.pages)
+                if n == 1 and len(shape) == 3 and shape[-1] not in (3, 4):  # (n, rows, cols)
+                    return int(shape[0])
+                return n
+        from PIL import Image
 
-    A volume checkpoint takes every file but 2-D image formats; a 2-D checkpoint every file but
-    volume-only formats (.tif/.tiff go to either).
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1))
+    except Exception:  # unreadable: scored as an image, whose reader reports the error
+        return 1
+
+
+def route(
+    files: list[Path], volumes: bool, data: dict, bscan_volumes: bool = False
+) -> tuple[list[Path], list[Path], list[tuple]]:
+    """(images, volumes, unsupported): the files this checkpoint scores as 2-D images and as
+    volumes, and (path, kind, reason) for those it cannot.
+
+    A volume checkpoint takes every file but 2-D image formats (all as volumes). A 2-D
+    checkpoint takes images; with ``bscan_volumes`` (a retina-normalised B-scan checkpoint,
+    which scores a volume B-scan by B-scan) also volume files, a multi-page TIFF among them;
+    without it a volume file, or a multi-page TIFF, is unsupported (never its first page
+    scored as if it were the whole file).
     """
-    scored, unsupported = [], []
+    images, vols, unsupported = [], [], []
     trained_on = str(data.get("_target_", "2-D B-scans")).rsplit(".", 1)[-1]
     for p in files:
         kind = suffix(p)
-        if volumes and kind in IMAGE_SUFFIXES and kind not in VOLUME_SUFFIXES:
+        if volumes:
+            if kind in IMAGE_SUFFIXES and kind not in VOLUME_SUFFIXES:
+                reason = (
+                    "a 2-D image; this checkpoint was trained on OCT volumes (data=oct_volume) "
+                    f"and scores volume files ({' '.join(VOLUME_SUFFIXES)})"
+                )
+                unsupported.append((p, "image", reason))
+            else:
+                vols.append(p)
+            continue
+        is_volume = kind in VOLUME_SUFFIXES and (
+            kind not in IMAGE_SUFFIXES or n_pages(p) > 1  # .tif/.tiff: by its page count
+        )
+        if not is_volume:
+            images.append(p)
+        elif bscan_volumes:
+            vols.append(p)
+        else:
             reason = (
-                "a 2-D image; this checkpoint was trained on OCT volumes (data=oct_volume) and "
-                f"scores volume files ({' '.join(VOLUME_SUFFIXES)})"
-            )
-            unsupported.append((p, "image", reason))
-        elif not volumes and kind in VOLUME_SUFFIXES and kind not in IMAGE_SUFFIXES:
-            reason = (
-                f"an OCT volume; this checkpoint was trained on 2-D B-scans ({trained_on}) and "
-                f"scores images ({' '.join(IMAGE_SUFFIXES)}); volumes need a checkpoint trained "
-                "with data=oct_volume"
+                f"an OCT volume; this checkpoint was trained on 2-D B-scans ({trained_on}) with "
+                "center crops, which score single images; volumes are scored B-scan by B-scan "
+                "by retina-normalised checkpoints (data.resize=retina, the default) or by one "
+                "trained with data=oct_volume"
             )
             unsupported.append((p, "volume", reason))
-        else:
-            scored.append(p)
-    return scored, unsupported
+    return images, vols, unsupported
 
 
 class ScanItems(Dataset):
@@ -212,13 +263,14 @@ class Rows:
     def __init__(self, files, bscans, names: list[str], threshold: float) -> None:
         self.threshold, self._fh = threshold, [fh for fh in (files, bscans) if fh is not None]
         cols = ["path", "status", "kind", "score", *names, "anomalous", "threshold", "rule"]
-        cols += ["bscans", "anomalous_bscans", "patches", "anomalous_patches", "error"]
-        self.files = csv.DictWriter(files, cols)
+        cols += ["bscans", "anomalous_bscans", "patches", "anomalous_patches"]
+        self.files = csv.DictWriter(files, [*cols, *MAP_COLUMNS, "error"])
         self.files.writeheader()
         self.bscans = None
         if bscans is not None:
             cols = ["path", "bscan", "score", *names, "anomalous", "threshold", "patches"]
-            self.bscans = csv.DictWriter(bscans, [*cols, "anomalous_patches", "heatmap"])
+            cols += ["anomalous_patches", "heatmap", "boundaries", "unreliable_columns", "error"]
+            self.bscans = csv.DictWriter(bscans, cols)
             self.bscans.writeheader()
 
     def file(self, path, status: str, kind: str, **values) -> None:
@@ -230,7 +282,8 @@ class Rows:
         )
 
     def bscan(self, path, **values) -> None:
-        values["threshold"] = self.threshold
+        if "error" not in values:
+            values["threshold"] = self.threshold
         self.bscans.writerow({"path": str(path)} | {k: _cell(v) for k, v in values.items()})
 
     def flush(self) -> None:
@@ -238,64 +291,180 @@ class Rows:
             fh.flush()
 
 
+def _retina_outputs(scored, i: int, k: int, path, title: str, cfg, out: Path) -> dict:
+    """B-scan ``i``'s map on its scan: ``maps/<k>_<name>.npy`` (``maps=true``) and the overlay
+    ``heatmaps/<k>_<name>.png`` (``heatmaps=true``) at the scan's resolution; returns the CSV
+    values (``unreliable_columns``, ``map``)."""
+    g = scored.ds.geometry(i)
+    values = {"unreliable_columns": int(g.unreliable_columns().sum())}
+    if scored.maps is None or not (cfg.heatmaps or cfg.get("maps", True)):
+        return values
+    amap, bad = pb.scan_map(scored, i, g)
+    name = f"{k:06d}_{figures.safe_name(stem(path))}"
+    if cfg.get("maps", True):
+        (out / "maps").mkdir(exist_ok=True)
+        np.save(out / "maps" / f"{name}.npy", amap)
+        values["map"] = f"maps/{name}.npy"
+    if cfg.heatmaps:
+        scan = to_unit_range_scan(scored.ds._scan(i))
+        figures.save_overlay(out / "heatmaps" / f"{name}.png", scan, amap, title=title, shade=bad)
+    return values
+
+
+def to_unit_range_scan(a: np.ndarray) -> np.ndarray:
+    """A scan for display, [-1, 1]: uint8 as is, other dtypes by their 0.5/99.5 percentiles."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 127.5 - 1.0
+    lo, hi = np.percentile(a, (0.5, 99.5))
+    return np.clip((a.astype(np.float32) - lo) / max(float(hi - lo), 1e-6) * 2 - 1, -1, 1)
+
+
 def _predict_retina(
     model, files: list[Path], prep: BScanPreprocessing, cfg, device, rows: Rows, out: Path
 ):
-    """Score B-scans of a ``resize=retina`` checkpoint one at a time: normalised with its data
-    settings, every window scored (``window_stride``), the window scores aggregated by its
-    ``aggregate`` rule into the B-scan score, the window maps stitched into the heatmap (band
-    coordinates, restricted to its ``map_region``); returns (scored, unreadable)."""
-    rule, top_k = prep.aggregate, prep.top_k
+    """Score B-scan files of a ``resize=retina`` checkpoint one at a time
+    (:func:`anogan_lightning.predict_bscans.score_bscans`), each map carried back onto its
+    scan; returns (scored, unreadable)."""
     names, threshold = list(model.components), rows.threshold
     n_ok = n_bad = 0
     for path in tqdm(files, desc="scoring", unit="scan"):
-        ds = prep.eval_dataset([path], [0], [""], None, None)  # every window, as at test
+        ds = prep.eval_dataset([path], [0], [""], None, None, keep_geometry=True)  # as at test
         ds.preload(threads=1)
         if ds.n_skipped:  # unreadable, or the retina checks failed: the reason names the file
             log.warning("skipping B-scan %s", ds.failures[0])
             rows.file(path, "unreadable", "image", error=ds.failures[0])
             n_bad += 1
             continue
-        loader = DataLoader(ds, batch_size=cfg.batch_size)
-        stitcher = stitch.Stitcher(ds.image_shapes)
-        scores, comps = [], {n: [] for n in names}
-        for batch in loader:
-            with torch.inference_mode(not model.needs_grad_at_test):
-                res = model.score({"x": batch["x"].to(device), "id": batch["id"]})
-            scores.append(res["score"].detach().float().cpu())
-            for n in names:
-                comps[n].append(res[n].detach().float().cpu())
-            if "amap" in res:
-                stitcher.add(res["amap"].detach().float().cpu(), batch["coords"])
-        amap = ds.restrict_maps(stitcher.maps()) if int(stitcher.count.sum()) else None
-        bscan = stitch.window_to_bscan(  # as the B-scans of the training run's test split
-            torch.cat(scores),
-            {n: torch.cat(v) for n, v in comps.items()},
-            torch.zeros(len(ds), dtype=torch.long),  # every window is of B-scan 0
-            1,
-            rule,
-            top_k,
-            amap,
-            ds.image_retina,
-        )
-        if bscan.error is not None:
-            raise ValueError(bscan.error)
-        s = float(bscan.score[0])
-        values = {n: float(bscan.components[n][0]) for n in names}
+        scored = pb.score_bscans(model, ds, prep, cfg.batch_size, device)
+        s = float(scored.score[0])
+        values = {n: float(scored.components[n][0]) for n in names}
         flag = None if math.isnan(threshold) else int(s >= threshold)
-        rows.file(
-            path, "ok", "image", score=s, anomalous=flag, rule=IMAGE_RULE, patches=len(ds), **values
+        title = f"{path}\nscore {s:.4g} ({prep.aggregate} of {scored.windows[0]} windows)" + (
+            "" if flag is None else f" ({'anomalous' if flag else 'normal'})"
         )
-        if cfg.heatmaps and amap is not None:
-            figures.save_heatmap(
-                out / "heatmaps" / f"{n_ok:06d}_{figures.safe_name(Path(path).stem)}.png",
-                ds.image(0),
-                amap[0],
-                f"{path}\nscore {s:.4g} ({rule} of {len(ds)} windows)"
-                + ("" if flag is None else f" ({'anomalous' if flag else 'normal'})"),
-            )
+        values |= _retina_outputs(scored, 0, n_ok, path, title, cfg, out)
+        rows.file(
+            path,
+            "ok",
+            "image",
+            score=s,
+            anomalous=flag,
+            rule=IMAGE_RULE,
+            patches=int(scored.windows[0]),
+            **values,
+        )
         n_ok += 1
         rows.flush()
+    return n_ok, n_bad
+
+
+def _predict_bscan_volumes(
+    model,
+    files: list[Path],
+    prep: BScanPreprocessing,
+    cfg,
+    device,
+    rows: Rows,
+    out: Path,
+    start: int = 0,
+):
+    """Score OCT volumes with a B-scan (``resize=retina``) checkpoint, B-scan by B-scan
+    (:mod:`anogan_lightning.predict_bscans`): ``bscans.csv`` rows, the volume row, and per
+    volume ``heatmaps/<k>_<name>/``: ``enface.png`` / ``enface.npy`` and the
+    ``max_bscan_heatmaps`` highest-scoring B-scans on their scans; returns (scored,
+    unreadable)."""
+    names, threshold, cap = list(model.components), rows.threshold, cfg.max_bscan_heatmaps
+    reduce = cfg.get("enface", "mean")
+    n_ok = n_bad = 0
+    for path in tqdm(files, desc="scoring", unit="volume"):
+        try:
+            vol = read_volume(path)
+        except (VolumeReadError, MissingExtraError) as e:
+            log.warning("skipping unreadable volume %s: %s", path, e)
+            rows.file(path, "unreadable", "volume", error=str(e))
+            n_bad += 1
+            continue
+        ds, source = pb.volume_dataset(vol, prep)
+        failed = {pb.bscan_index(f.split(": ", 1)[0]): f for f in ds.failures}
+        n_b = vol.data.shape[0]
+        if not ds.image_ids:
+            why = f"no B-scan could be normalised ({len(failed)} of {n_b}; first: {ds.failures[0]})"
+            log.warning("skipping volume %s: %s", path, why)
+            rows.file(path, "unreadable", "volume", error=why)
+            n_bad += 1
+            continue
+        scored = pb.score_bscans(model, ds, prep, cfg.batch_size, device)
+        folder = out / "heatmaps" / f"{start + n_ok:06d}_{figures.safe_name(stem(path))}"
+        enface = np.full((n_b, vol.data.shape[2]), np.nan, dtype=np.float32)
+        per_bscan, geometry = [], {}
+        for i, name in enumerate(ds.image_ids):
+            b = pb.bscan_index(name)
+            g = geometry[b] = ds.geometry(i)
+            if scored.maps is not None:
+                enface[b] = pb.enface_row(scored, i, g, reduce)
+            s = float(scored.score[i])
+            per_bscan.append(
+                {
+                    "bscan": b,
+                    "i": i,
+                    "score": s,
+                    **{n: float(scored.components[n][i]) for n in names},
+                    "anomalous": None if math.isnan(threshold) else int(s >= threshold),
+                    "patches": int(scored.windows[i]),
+                    "boundaries": "file" if ds.boundaries[i] is not None else "detected",
+                    "unreliable_columns": int(g.unreliable_columns().sum()),
+                }
+            )
+        drawn, has_maps = {}, scored.maps is not None
+        if has_maps and cfg.get("maps", True):
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / "enface.npy", enface)
+        if cfg.heatmaps and has_maps:
+            figures.save_enface(
+                folder / "enface.png",
+                enface,
+                vol.spacing,
+                f"{Path(path).name}: en-face anomaly map ({reduce} over ILM..BM)",
+            )
+            top = sorted(per_bscan, key=lambda r: -r["score"])
+            for r in top[:cap] if cap is not None else top:
+                i, b = r["i"], r["bscan"]
+                amap, bad = pb.scan_map(scored, i, geometry[b])
+                flag = {None: "", 0: " (normal)", 1: " (anomalous)"}[r["anomalous"]]
+                drawn[b] = figures.save_overlay(
+                    folder / f"bscan_{b:03d}.png",
+                    to_unit_range_scan(vol.data[b]),
+                    amap,
+                    title=f"{Path(path).name}  B-scan {b}: score {r['score']:.4g}{flag}",
+                    shade=bad,
+                )
+        for r in per_bscan:
+            heat = drawn.get(r["bscan"])
+            r.pop("i")
+            rows.bscan(path, heatmap=str(heat.relative_to(out)) if heat else "", **r)
+        for b, why in sorted(failed.items()):
+            rows.bscan(path, bscan=b, error=why, boundaries=source)
+        best = max(per_bscan, key=lambda r: r["score"])
+        n_anom = sum(1 for r in per_bscan if r["anomalous"])
+        rows.file(
+            path,
+            "ok",
+            "volume",
+            score=best["score"],
+            **{n: best[n] for n in names},
+            anomalous=best["anomalous"],
+            rule=pb.VOLUME_RULE,
+            bscans=n_b,
+            anomalous_bscans=None if math.isnan(threshold) else n_anom,
+            patches=int(scored.windows.sum()),
+            boundaries=source,
+            unreliable_columns=sum(r["unreliable_columns"] for r in per_bscan),
+            map=str((folder / "enface.npy").relative_to(out))
+            if (folder / "enface.npy").is_file()
+            else "",
+        )
+        rows.flush()
+        n_ok += 1
     return n_ok, n_bad
 
 
@@ -305,6 +474,8 @@ def _predict_images(model, files: list[Path], meta: dict, cfg, device, rows: Row
     prep = image_preprocessing(model, meta)
     if prep.resize == "retina":
         return _predict_retina(model, files, prep, cfg, device, rows, out)
+    if not files:
+        return 0, 0
     n = len(files)
     ds = ScanItems(prep.eval_dataset(files, [0] * n, [""] * n, None, None))  # centre crops
     loader = DataLoader(
@@ -413,7 +584,11 @@ def predict(cfg: DictConfig) -> Path:
     model, meta = load_checkpoint(cfg.ckpt, device)
     data = meta.get("data", {})
     dm = pv.volume_datamodule(data, cfg.get("spacing_x_um"))
-    files, unsupported = route(list_inputs(cfg.input), dm is not None, data)
+    prep = None if dm is not None else image_preprocessing(model, meta)
+    bscan_volumes = prep is not None and prep.resize == "retina"
+    images, volumes, unsupported = route(
+        list_inputs(cfg.input), dm is not None, data, bscan_volumes
+    )
     threshold = float(cfg.threshold) if cfg.threshold is not None else float(model.threshold)
     if math.isnan(threshold):
         log.warning("the checkpoint has no validation threshold: the anomalous column is empty")
@@ -436,20 +611,27 @@ def predict(cfg: DictConfig) -> Path:
     with ExitStack() as stack:
         fh = stack.enter_context(open(out / "predictions.csv", "w", newline=""))
         bscans = None
-        if dm is not None:
+        if volumes:
             bscans = stack.enter_context(open(out / "bscans.csv", "w", newline=""))
         rows = Rows(fh, bscans, list(model.components), threshold)
         for path, kind, reason in unsupported:
             log.warning("skipping unsupported file %s: %s", path, reason)
             rows.file(path, "unsupported", kind, error=reason)
         rows.flush()
+        n_ok = n_bad = 0
         if dm is not None:
-            n_ok, n_bad = _predict_volumes(model, files, dm, cfg, device, rows, out)
+            n_ok, n_bad = _predict_volumes(model, volumes, dm, cfg, device, rows, out)
         else:
-            n_ok, n_bad = _predict_images(model, files, meta, cfg, device, rows, out)
-    kind = "volume" if dm is not None else "scan"
+            if images:
+                n_ok, n_bad = _predict_images(model, images, meta, cfg, device, rows, out)
+            if volumes:
+                k, b = _predict_bscan_volumes(
+                    model, volumes, prep, cfg, device, rows, out, start=n_ok + n_bad
+                )
+                n_ok, n_bad = n_ok + k, n_bad + b
+    what = f"{len(volumes)} volume(s)" if dm is not None else "file(s)"
     print(
-        f"scored {n_ok} {kind}(s), {n_bad} unreadable, {len(unsupported)} unsupported; "
+        f"scored {n_ok} {what}, {n_bad} unreadable, {len(unsupported)} unsupported; "
         f"predictions: {out / 'predictions.csv'}"
     )
     return out / "predictions.csv"

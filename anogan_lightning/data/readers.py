@@ -6,12 +6,14 @@ plus the voxel spacing in µm along those axes where the file carries it (``None
 - ``.vol`` (Heidelberg Spectralis raw export) and ``.e2e`` (Heidelberg Eye Explorer) through
   eyepy, the field's reader; intensities as eyepy displays them (uint8, Heyex's log-like
   contrast). ``.vol`` carries the spacing in its header (``scale_x``, ``scale_y``, ``distance``,
-  mm). eyepy reports ``.e2e`` volumes in pixels (the scale is not in any field it decodes), so
+  mm) and the device's own layer segmentation, of which ILM and BM are kept as the volume's
+  layers. eyepy reports ``.e2e`` volumes in pixels (the scale is not in any field it decodes), so
   their spacing is ``None`` and comes from the config. Only the first OCT series of an
   ``.e2e`` is read.
 - ``.npy``: a 3-D array (a 2-D array is one B-scan); no spacing.
 - ``.npz``: the array ``volume`` (or ``mask`` for masks, or the only array in the file) and an
-  optional ``spacing`` array of three floats (µm, same axis order).
+  optional ``spacing`` array of three floats (µm, same axis order); optional ``ilm`` and ``bm``
+  arrays (B-scans, columns) of boundary rows (NaN where unsegmented) are the volume's layers.
 - ``.tif``/``.tiff``: one page per B-scan (tifffile). Spacing from ImageJ metadata (``unit``
   micron/µm/um/mm/cm/nm, ``XResolution``/``YResolution`` in pixels per unit, ``spacing`` between
   slices) or from the TIFF ``ResolutionUnit`` (inch, cm, mm, µm); resolution unit "none" means
@@ -29,7 +31,7 @@ the volume's shape. Every error names the file. eyepy, nibabel and tifffile are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +66,14 @@ class VolumeReadError(ValueError):
 
 @dataclass
 class Volume:
-    """``data`` (B-scans, rows, columns) and spacing in µm along those axes (None = unknown)."""
+    """``data`` (B-scans, rows, columns) and spacing in µm along those axes (None = unknown);
+    ``layers``: boundary rows the file carries, ``"ilm"`` and ``"bm"`` (B-scans, columns) float,
+    NaN where a column is unsegmented (empty when the file has none)."""
 
     data: np.ndarray
     spacing: Spacing
     path: Path
+    layers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def suffix(path: str | Path) -> str:
@@ -105,9 +110,12 @@ def _spacing(values, scale: float = 1.0) -> Spacing:
     return tuple(out)  # type: ignore[return-value]
 
 
+LAYER_KEYS = ("ilm", "bm")
+
+
 def _read_npz(path: Path, key: str) -> tuple[np.ndarray, Spacing]:
     with np.load(path) as z:
-        arrays = [k for k in z.files if k != "spacing"]
+        arrays = [k for k in z.files if k != "spacing" and k not in LAYER_KEYS]
         if key in z.files:
             name = key
         elif len(arrays) == 1:
@@ -164,14 +172,38 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Spacing]:
     return a, _spacing([zz, zy, zx], um)
 
 
-def _read_heyex(path: Path, kind: str) -> tuple[np.ndarray, Spacing]:
+def _read_heyex(path: Path, kind: str) -> tuple[np.ndarray, Spacing, dict[str, np.ndarray]]:
     eyepy_io = require("eyepy.io", f"reading {kind}")
     ev = eyepy_io.import_heyex_vol(path) if kind == ".vol" else eyepy_io.import_heyex_e2e(path)
     data = np.asarray(ev.data)
     meta = ev.meta
+    layers = {}
+    for name in ("ILM", "BM"):  # the device's segmentation, where the export has it
+        layer = ev.layers.get(name) if hasattr(ev, "layers") else None
+        if layer is not None:
+            layers[name.lower()] = np.asarray(layer.data, dtype=np.float64)
     if str(meta.get("scale_unit", "")).lower() == "mm":
-        return data, _spacing([meta["scale_z"], meta["scale_y"], meta["scale_x"]], 1e3)
-    return data, (None, None, None)
+        return data, _spacing([meta["scale_z"], meta["scale_y"], meta["scale_x"]], 1e3), layers
+    return data, (None, None, None), layers
+
+
+def _layers(raw: dict[str, np.ndarray], shape: tuple[int, ...], path: Path) -> dict:
+    """ILM and BM of a volume of ``shape``, both or neither: rows outside the frame or not
+    finite (Heyex marks unsegmented columns with huge values) become NaN; a layer of another
+    shape is an error naming the file."""
+    if not all(k in raw for k in LAYER_KEYS):
+        return {}
+    out = {}
+    for k in LAYER_KEYS:
+        a = np.array(raw[k], dtype=np.float64)
+        if a.shape != (shape[0], shape[2]):
+            raise VolumeReadError(
+                f"{path}: layer {k!r} has shape {a.shape}; expected (B-scans, columns) = "
+                f"{(shape[0], shape[2])}"
+            )
+        a[~np.isfinite(a) | (a < 0) | (a > shape[1] - 1)] = np.nan
+        out[k] = a
+    return out
 
 
 def _format(path: Path, allowed: tuple[str, ...], what: str) -> str:
@@ -191,17 +223,20 @@ def read_volume(path: str | Path) -> Volume:
     kind = _format(path, VOLUME_SUFFIXES, "volume")
     if not path.is_file():
         raise VolumeReadError(f"{path}: no such volume file")
+    layers: dict[str, np.ndarray] = {}
     try:
         if kind == ".npy":
             a, spacing = np.load(path, allow_pickle=False), (None, None, None)
         elif kind == ".npz":
             a, spacing = _read_npz(path, "volume")
+            with np.load(path) as z:
+                layers = {k: z[k] for k in LAYER_KEYS if k in z.files}
         elif kind in (".tif", ".tiff"):
             a, spacing = _read_tiff(path)
         elif kind in (".nii", ".nii.gz"):
             a, spacing = _read_nifti(path)
         else:
-            a, spacing = _read_heyex(path, kind)
+            a, spacing, layers = _read_heyex(path, kind)
     except (VolumeReadError, MissingExtraError):
         raise
     except Exception as e:  # a decoder's own error, re-raised naming the file
@@ -211,7 +246,7 @@ def read_volume(path: str | Path) -> Volume:
         raise VolumeReadError(f"{path}: volume dtype {a.dtype} is not numeric")
     if min(a.shape) < 1:
         raise VolumeReadError(f"{path}: empty volume of shape {a.shape}")
-    return Volume(a, spacing, path)
+    return Volume(a, spacing, path, _layers(layers, a.shape, path))
 
 
 def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:

@@ -240,6 +240,8 @@ class Collector:
         pixel_rec = _pixel_record(buf, maps, keep)
         if pixel_rec is not None and pixel_rec["masks"].any():
             out.update(pixel.pixel_metrics(pixel_rec["maps"], pixel_rec["masks"], split))
+            if "index" in pixel_rec and hasattr(buf["dataset"], "scan_map"):
+                out.update(_scan_pixel_metrics(buf["dataset"], pixel_rec, split))
         out[f"{split}/status"] = status
         if status != OK:
             out[f"{split}/reason"] = reason
@@ -285,6 +287,7 @@ def _pixel_record(buf: dict, maps: np.ndarray | None, keep: Tensor | None) -> di
             "masks": stitch.pad_stack(masks, maps.shape),
             "image": ds.image,
             "ids": ds.image_ids,
+            "index": list(range(len(ds.image_ids))),
         }
         if keep is not None and not bool(keep.all()):  # complete B-scans only
             kept = torch.nonzero(keep).flatten().tolist()
@@ -293,6 +296,7 @@ def _pixel_record(buf: dict, maps: np.ndarray | None, keep: Tensor | None) -> di
                 "masks": record["masks"][kept],
                 "image": lambda i: ds.image(kept[i]),
                 "ids": [ds.image_ids[i] for i in kept],
+                "index": kept,
             }
         return record
     if buf["pixel_maps"]:
@@ -301,6 +305,30 @@ def _pixel_record(buf: dict, maps: np.ndarray | None, keep: Tensor | None) -> di
             "masks": torch.cat(buf["pixel_masks"]).numpy().astype("uint8"),
         }
     return None
+
+
+def _scan_pixel_metrics(ds, rec: dict, split: str) -> dict[str, float]:
+    """``{split}/pixel_auroc_scan`` and ``{split}/pixel_count_scan``: the pixel AUROC of the
+    stitched maps carried back onto each B-scan's own pixel grid
+    (:meth:`~anogan_lightning.data.retina.normalize.NormalizedBScan.to_scan`) against its mask
+    read at the scan's resolution, over the scan pixels the band covers. The band figure
+    (``pixel_auroc``) counts band pixels, each of which stands for several scan pixels and
+    whose mask is the resampled one; this one counts the clinician's pixels and masks."""
+    scores, targets = [], []
+    for j, i in enumerate(rec["index"]):
+        mask = ds.scan_mask(i)
+        if mask is None:
+            continue
+        m = ds.scan_map(i, rec["maps"][j])
+        scores.append(m.ravel())
+        targets.append(mask.ravel())
+    if not scores:
+        return {}
+    s, t = np.concatenate(scores), np.concatenate(targets)
+    return {
+        f"{split}/pixel_auroc_scan": pixel.pixel_auroc(s, t),
+        f"{split}/pixel_count_scan": float(np.isfinite(s).sum()),
+    }
 
 
 def _gather(buf: dict) -> dict:

@@ -192,10 +192,12 @@ def save_overlay(
     mask: np.ndarray | None = None,
     vmax: float | None = None,
     title: str = "",
+    shade: np.ndarray | None = None,
 ) -> Path:
     """PNG of one B-scan: left the image with the lesion mask outlined (cyan), right the same
     with the anomaly map as a translucent heat map (inferno, 0..``vmax``; uncovered pixels
-    clear). image (H, W) in [-1, 1]; amap (H, W), NaN where not scored."""
+    clear). image (H, W) in [-1, 1]; amap (H, W), NaN where not scored; ``shade`` (W,) bool:
+    columns hatched in grey on the map side (where the retina was not found reliably)."""
     image, amap = as_numpy(image), as_numpy(amap).astype(np.float32)
     h, w = image.shape
     if amap.shape != (h, w):
@@ -215,6 +217,9 @@ def save_overlay(
                 alpha=0.55,
                 interpolation="nearest",
             )
+            if shade is not None and np.any(shade):
+                for a, b in _runs(np.asarray(shade, bool)):
+                    ax.axvspan(a - 0.5, b - 0.5, color="0.6", alpha=0.35, hatch="//", lw=0)
         if mask is not None and np.any(mask):
             ax.contour(as_numpy(mask).astype(float), levels=[0.5], colors="cyan", linewidths=0.7)
         ax.set_xticks([])
@@ -223,6 +228,48 @@ def save_overlay(
     axes[1].set_title(f"anomaly map (0..{vmax:.3g})", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool array."""
+    d = np.diff(np.r_[0, flags.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True))
+
+
+def save_enface(path: str | Path, enface: np.ndarray, spacing, title: str = "") -> Path:
+    """PNG of a volume's en-face anomaly map (B-scans x columns; NaN: not scored, grey),
+    inferno from 0 to its 99th percentile, B-scan 0 at the top. ``spacing`` (µm between
+    B-scans, rows, columns; None where unknown) sets the aspect so the map has the fundus's
+    proportions when both lateral spacings are known."""
+    e = np.asarray(enface, dtype=np.float32)
+    finite = e[np.isfinite(e)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    n, w = e.shape
+    dz, _, dx = spacing if spacing is not None else (None, None, None)
+    aspect = dz / dx if dz and dx else max(1.0, 0.5 * w / max(n, 1))
+    fig = Figure(figsize=(6.4, 6.4 * min(2.0, n * aspect / w) + 0.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.set_facecolor("0.5")
+    im = ax.imshow(
+        np.ma.masked_invalid(e),
+        cmap="inferno",
+        vmin=0,
+        vmax=max(vmax, 1e-12),
+        aspect=aspect,
+        interpolation="nearest",
+    )
+    ax.set_xlabel("column (temporal-nasal as stored)", fontsize=7)
+    ax.set_ylabel("B-scan", fontsize=7)
+    ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02).ax.tick_params(labelsize=6)
+    if title:
+        ax.set_title(title, fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,11 +132,15 @@ class BScanPreprocessing:
         classes: Sequence[str],
         masks: Sequence[Path | None] | None,
         cache_dir: str | Path | None,
+        keep_geometry: bool = False,
     ) -> Dataset:
         """Val/test/prediction items: every window of each B-scan (retina; aggregated per
-        B-scan by the evaluator) or its centre crop."""
+        B-scan by the evaluator) or its centre crop. ``keep_geometry``: retina datasets keep
+        each band's geometry (prediction draws the maps on the scans)."""
         if self.resize == "retina":
-            return RetinaBScanDataset(paths, labels, classes, self, "grid", masks, cache_dir)
+            return RetinaBScanDataset(
+                paths, labels, classes, self, "grid", masks, cache_dir, keep_geometry=keep_geometry
+            )
         return CropBScanDataset(paths, labels, classes, self, "center")
 
 

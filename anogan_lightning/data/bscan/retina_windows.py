@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from anogan_lightning.data.bscan.io import concat_columns, read_all, read_gray, read_mask_image
 from anogan_lightning.data.bscan.windows import window_starts
 from anogan_lightning.data.cache_files import CACHE_VERSION, digest, file_signature
-from anogan_lightning.data.retina.normalize import normalize_bscan
+from anogan_lightning.data.retina.normalize import NormalizedBScan, normalize_bscan
 from anogan_lightning.data.retina.segment import RetinaNotFoundError
 from anogan_lightning.data.transforms import pad_width, to_unit_range
 
@@ -72,9 +72,14 @@ class RetinaBScanDataset(Dataset):
         mode: str,
         masks: Sequence[Path | None] | None,
         cache_dir: str | Path | None,
+        images: Sequence[np.ndarray] | None = None,
+        boundaries: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
+        keep_geometry: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        if images is not None and (cache_dir is not None or len(images) != len(paths)):
+            raise ValueError("in-memory B-scans: one name (path) per image and no cache_dir")
         pre = preprocessing  # validated there: resize, retina.height >= image_size, aggregate, ...
         self.paths = [Path(p) for p in paths]
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
@@ -89,6 +94,10 @@ class RetinaBScanDataset(Dataset):
         self.top_k = pre.top_k
         self.map_region = pre.map_region
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.images = list(images) if images is not None else None  # B-scans held in memory
+        self.boundaries = list(boundaries) if boundaries is not None else [None] * len(self.paths)
+        self.keep_geometry = keep_geometry
+        self._geometry: dict[int, NormalizedBScan] = {}  # keep_geometry: by input index
         self.has_mask = any(m is not None for m in self.masks)
         self.n_skipped = 0
         self.failures: list[str] = []
@@ -99,11 +108,46 @@ class RetinaBScanDataset(Dataset):
         self._windows = np.zeros((0, 3), dtype=np.int64)  # grid: (image, y, x)
 
     # -- preprocessing, once ------------------------------------------------------------------
+    def _scan(self, i: int) -> np.ndarray:
+        return self.images[i] if self.images is not None else read_gray(self.paths[i])
+
+    def geometry(self, i: int) -> NormalizedBScan:
+        """B-scan ``i`` normalised again, with the geometry of its band (shifts, crop and
+        resample weights: :meth:`NormalizedBScan.to_scan` carries its stitched map back onto
+        the scan). Deterministic, so the same band as :meth:`preload`'s; costs one
+        normalisation (the bands are kept as uint8 without their geometry) unless the
+        dataset was built with ``keep_geometry=True`` (and not read from the cache)."""
+        self._require()
+        if i in self._geometry:
+            return self._geometry[i]
+        return normalize_bscan(
+            self._scan(i), self.retina, name=str(self.paths[i]), boundaries=self.boundaries[i]
+        )
+
+    def scan_map(
+        self, i: int, stitched: np.ndarray, geometry: NormalizedBScan | None = None
+    ) -> np.ndarray:
+        """B-scan ``i``'s stitched map (a :class:`Stitcher` map: its band at the top left,
+        possibly padded) on the scan's own pixel grid (H, W), NaN outside the band
+        (:meth:`NormalizedBScan.to_scan`; ``geometry``: :meth:`geometry`'s, when at hand)."""
+        h, w = (int(v) for v in self.image_shapes[i])
+        g = geometry if geometry is not None else self.geometry(i)
+        return g.to_scan(np.asarray(stitched)[:h, :w])
+
+    def scan_mask(self, i: int) -> np.ndarray | None:
+        """(H, W) uint8 lesion mask of B-scan ``i`` on the scan's own pixel grid, or None."""
+        if self.masks[i] is None:
+            return None
+        shape = self._scan(i).shape
+        return (read_mask_image(self.masks[i], shape) != 0).astype(np.uint8)
+
     def _prepare(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | str:
         path, mpath = self.paths[i], self.masks[i]
         try:
-            a = read_gray(path)
-            r = normalize_bscan(a, self.retina, name=str(path))
+            a = self._scan(i)
+            r = normalize_bscan(a, self.retina, name=str(path), boundaries=self.boundaries[i])
+            if self.keep_geometry:
+                self._geometry[i] = r
             band = np.round((r.band + 1.0) * 127.5).astype(np.uint8)
             mask = r.apply(read_mask_image(mpath, a.shape)) if mpath is not None else None
             return band, mask, np.stack([r.ilm, r.bm]).astype(np.float32)
@@ -170,6 +214,10 @@ class RetinaBScanDataset(Dataset):
         self.failures = failures
         self.n_skipped = len(failures)
         self.paths = [self.paths[i] for i in keep]
+        self._geometry = {j: self._geometry[i] for j, i in enumerate(keep) if i in self._geometry}
+        if self.images is not None:
+            self.images = [self.images[i] for i in keep]
+        self.boundaries = [self.boundaries[i] for i in keep]
         self.labels = self.labels[keep]
         self.classes = [self.classes[i] for i in keep]
         self.masks = [self.masks[i] for i in keep]

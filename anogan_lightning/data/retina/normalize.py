@@ -322,8 +322,11 @@ class NormalizedBScan:
 
     ``band`` (height, W') float32 in [-1, 1]; ``valid`` (height, W') bool, False where the band
     reaches beyond the scan or into registration fill (set to the background); ``ilm``/``bm``
-    (W',) float rows in the band; ``ilm_in``/``bm_in`` (W,) rows in the input scan.
-    :meth:`apply` maps a mask of the input scan onto the band the same way.
+    (W',) float rows in the band; ``ilm_in``/``bm_in`` (W,) rows in the input scan;
+    ``boundaries``: ``"detected"`` (:func:`detect_retina`) or ``"given"`` (passed in, e.g. a
+    device's own segmentation). :meth:`apply` maps a mask of the input scan onto the band the
+    same way; :meth:`to_scan` carries a map of the band back onto the scan's pixel grid, and
+    :meth:`unreliable_columns` says where the boundaries it rests on are implausible.
     """
 
     band: np.ndarray
@@ -337,6 +340,8 @@ class NormalizedBScan:
     rows: int  # input rows of the band before the resample
     row_matrix: np.ndarray  # (rows, height) resample weights
     col_matrix: np.ndarray | None  # (W, W') resample weights; None: columns kept
+    scan_shape: tuple[int, int] = (0, 0)  # (H, W) of the input scan
+    boundaries: str = "detected"
 
     def apply(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) mask of the input scan -> (height, W') uint8 in the band (a pixel is a lesion
@@ -348,6 +353,66 @@ class NormalizedBScan:
         if self.col_matrix is not None:
             m = m @ self.col_matrix
         return (m >= 0.5).astype(np.uint8)
+
+    def to_scan(self, band_map: np.ndarray) -> np.ndarray:
+        """A map of the band (height, W'), or wider: a band padded symmetrically to a window's
+        width, as the datasets pad narrow bands) -> (H, W) float32 on the input scan's pixel
+        grid, NaN where the band does not reach (above and below it).
+
+        The inverse of the band's three steps, each undone with the weights that made it:
+        columns (an input column takes the overlap-weighted mean of the band columns it fed),
+        rows (likewise, from the band's row resample) and the flattening (band row r of column
+        c lies on scan row ``top + r + shifts[c]``). Where the forward step averaged several
+        input pixels into one band pixel, they all get that pixel's value, so the map is
+        piecewise constant at the band's resolution; NaN in the band map stays NaN.
+        """
+        m = np.asarray(band_map, dtype=np.float32)
+        h_out, w_out = self.band.shape
+        if m.ndim != 2 or m.shape[0] != h_out or m.shape[1] < w_out:
+            raise ValueError(f"a band map must be ({h_out}, >= {w_out}), got {m.shape}")
+        left = (m.shape[1] - w_out) // 2  # the symmetric padding of pad_width
+        m = m[:, left : left + w_out]
+        if self.col_matrix is not None:
+            m = _weighted_back(m, self.col_matrix, axis=1)  # (height, W)
+        m = _weighted_back(m, self.row_matrix, axis=0)  # (rows, W)
+        h, w = self.scan_shape
+        rho = np.arange(h)[:, None] - self.top - self.shifts[None, :]  # band row of scan row y
+        inside = (rho >= 0) & (rho < self.rows)
+        out = np.take_along_axis(m, np.clip(rho, 0, self.rows - 1), axis=0)
+        out[~inside] = np.nan
+        return out
+
+    def unreliable_columns(self, low: float = 0.5, high: float = 2.0) -> np.ndarray:
+        """(W,) bool: columns of the input scan where the retina was not found reliably, so a
+        map there is not evidence about the tissue: the ILM-BM distance below ``low`` or above
+        ``high`` times its median over the scan (a boundary that jumped to another layer, the
+        optic disc's cup, the frame edge), or the band column mostly beyond the scan or in
+        registration fill (``valid`` on fewer than half of its rows)."""
+        t = self.bm_in - self.ilm_in
+        med = float(np.median(t))
+        bad = (t < low * med) | (t > high * med) if med > 0 else np.ones(len(t), bool)
+        covered = self.valid.mean(axis=0) >= 0.5  # (W',)
+        if not covered.all():
+            cover = covered.astype(np.float32)
+            if self.col_matrix is not None:
+                cover = _weighted_back(cover[None], self.col_matrix, axis=1)[0]
+            bad |= cover < 0.5
+        return bad
+
+
+def _weighted_back(m: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """Undo a resample ``out = in @ weights`` (axis 1) or ``weights.T @ in`` (axis 0): each
+    input sample gets the mean of the outputs it fed, weighted by its share in them."""
+    w = np.asarray(weights, dtype=np.float32)
+    norm = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)  # (n_in, n_out), rows sum to 1
+    finite = np.isfinite(m)
+    z = np.where(finite, m, 0.0).astype(np.float32)
+    if axis == 1:
+        num, den = z @ norm.T, finite.astype(np.float32) @ norm.T
+    else:
+        num, den = norm @ z, norm @ finite.astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-6, num / np.maximum(den, 1e-12), np.nan).astype(np.float32)
 
 
 def _gather_band(
@@ -361,12 +426,25 @@ def _gather_band(
     return np.take_along_axis(a, src, axis=0), inside
 
 
+def _fill_nan_columns(rows: np.ndarray, name: str) -> np.ndarray:
+    """Boundary rows (W,) with NaN columns filled by linear interpolation (constant beyond the
+    outermost segmented columns); RetinaNotFoundError when no column is segmented."""
+    ok = np.isfinite(rows)
+    if not ok.any():
+        raise _fail(name, "the given boundaries have no segmented column")
+    if ok.all():
+        return rows
+    x = np.arange(len(rows))
+    return np.interp(x, x[ok], rows[ok])
+
+
 def normalize_bscan(
     img: np.ndarray,
     s: RetinaNorm,
     spacing_y_um: float | None = None,
     spacing_x_um: float | None = None,
     name: str = "",
+    boundaries: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> NormalizedBScan:
     """Retina-normalised band of one B-scan (H, W) (uint8, or float of any range).
 
@@ -378,9 +456,27 @@ def normalize_bscan(
     to [-1, 1]). Pixels beyond the scan or in registration fill are set to the band's
     background (its 10th percentile). The file's spacings, where known, are passed as
     ``spacing_*_um`` and win over those of ``s``.
+
+    ``boundaries``: ILM and BM rows (W,) to use instead of detecting them (a device's own
+    segmentation, e.g. the layers of a Heidelberg ``.vol``); a NaN column (unsegmented) takes
+    the value interpolated from its neighbours. The detector's failure checks do not run on
+    given boundaries (they were made for detection), but a B-scan with no segmented column, or
+    ILM not above BM, is refused.
     """
     a = np.asarray(img)
-    ilm, bm, valid = detect_retina(a, s, spacing_y_um, spacing_x_um, name)
+    if boundaries is None:
+        ilm, bm, valid = detect_retina(a, s, spacing_y_um, spacing_x_um, name)
+        source = "detected"
+    else:
+        ilm, bm = (_fill_nan_columns(np.asarray(b, np.float64), name) for b in boundaries)
+        if a.ndim != 2 or ilm.shape != (a.shape[1],) or bm.shape != ilm.shape:
+            raise ValueError(
+                f"{name}: boundaries of shape {ilm.shape}, {bm.shape} for a scan of {a.shape}"
+            )
+        if np.median(bm - ilm) <= 0:
+            raise _fail(name, "the given ILM lies below the given BM")
+        valid = fill_mask(a) if (s.fill_white and a.dtype == np.uint8) else None
+        source = "given"
     h, w = a.shape
     sy = spacing_y_um if spacing_y_um is not None else s.spacing_y_um
     sx = spacing_x_um if spacing_x_um is not None else s.spacing_x_um
@@ -437,4 +533,6 @@ def normalize_bscan(
     out_cols = (np.arange(w_out) + 0.5) * w / w_out - 0.5
     ilm_b = np.interp(out_cols, np.arange(w), (ilm_f - top_i + 0.5) * scale_y - 0.5)
     bm_b = np.interp(out_cols, np.arange(w), (bm_f - top_i + 0.5) * scale_y - 0.5)
-    return NormalizedBScan(band, ok_out, ilm_b, bm_b, ilm, bm, shifts, top_i, rows, row_m, col_m)
+    return NormalizedBScan(
+        band, ok_out, ilm_b, bm_b, ilm, bm, shifts, top_i, rows, row_m, col_m, (h, w), source
+    )
