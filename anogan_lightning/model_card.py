@@ -10,8 +10,9 @@ settings the checkpoint carries, which predict and export rebuild); the decision
 how it was chosen (Youden's J on the validation split); AUROC with its 95% CI, AP and the
 operating point at the threshold on every test set of ``results.json`` (``test`` and the
 ``extra_test`` sets, ``test_<name>``), then per class; the known failure modes (a fixed list;
-measurements in ``experiments/README.md``). Every number is copied from ``results.json`` or the
-checkpoint, none is recomputed.
+the cross-device measurements in
+``experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md``). Every number is
+copied from ``results.json`` or the checkpoint, none is recomputed.
 
 The results are looked up beside the run: ``<run>/results.json`` for
 ``<run>/checkpoints/model.ckpt`` (an exported file: the checkpoint its sidecar names). Without
@@ -44,7 +45,8 @@ SECTIONS = (
     "Performance",
     "Known failure modes",
 )
-#: measured in experiments/README.md; the same for every model of this package
+#: the same for every model of this package; the device shift (mexico-dme) measured in
+#: experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md
 FAILURE_MODES = (
     "**Another device's scans shift the scores.** A model trained on one scanner's B-scans "
     "scores another scanner's normals differently (contrast, speckle, resolution, field of "

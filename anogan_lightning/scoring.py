@@ -223,8 +223,8 @@ ANOMALY_MAPS = ("residual", "dark", "ssim", "zscore", "dark_z", "feature")
 NORMALISED_MAPS = ("zscore", "dark_z")
 NORM_BINS = 32  # x_hat intensity bins over [-1, 1] of the residual normaliser
 #: the reconstruction methods' default map and smoothing (pixels), chosen on validation B-scans
-#: (experiments/README.md, "Anomaly maps for dark lesions"); map=residual, map_sigma=0 is the
-#: papers' |x - x_hat|
+#: (experiments/notes/2026-12-01-anomaly-maps-and-cross-device.md); map=residual,
+#: map_sigma=0 is the papers' |x - x_hat|
 DEFAULT_MAP = "dark_z"
 DEFAULT_MAP_SIGMA = 8.0
 

@@ -339,7 +339,8 @@ def test_yaml_keys_are_constructor_args(tiny: Path):
         "bscan_folder",
     }
     assert cfg.val_from == "train" and cfg.csv is None
-    # the default since retina windows beat the crop on Kermany test (experiments/README.md)
+    # the default since retina windows beat the crop on Kermany test
+    # (experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md)
     assert cfg.resize == "retina"
     dm = instantiate(cfg, root=str(tiny), preload=False, resize="crop", cache_dir=None)
     assert isinstance(dm, KermanyDataModule)

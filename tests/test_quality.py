@@ -3,7 +3,7 @@
 A method at chance fails here. Easy setting: larger lesions (``lesion_scale=1.5``), calmer
 anatomy (``shape_variability=0.5``), 32x32, tiny networks (width 8), a training length per
 method chosen so that three seeds (0, 1, 2) pass with room to spare, checked once offline
-(experiments/README.md, "Quality tests"). The threshold is the same for every method:
+(experiments/notes/2026-11-30-quality-tests.md). The threshold is the same for every method:
 test AUROC >= 0.8. A method that cannot reach it with tiny settings is marked
 ``xfail(strict=True)`` with the reason, never given a lower threshold.
 """

@@ -43,7 +43,8 @@ same WGAN-GP and izi_f losses. The paper's networks cost several times more per 
 on a CPU, so in a CPU budget the generator gets a few hundred updates and emits the same blob for
 every input: G(E(x)) reconstructs nothing, and the score measures the distance to that blob
 (which on Kermany ranks normals above CNV). The method config uses ``"dcgan"`` for that reason,
-the experiment config the paper's ``"resnet"`` (measurements in experiments/README.md).
+the experiment config the paper's ``"resnet"`` (measurements in
+experiments/notes/2026-12-02-fanogan-networks-for-a-cpu-budget.md).
 
 Choices the papers leave open:
 - Prior z ~ U(-1, 1)^128 (``prior="uniform"``): E ends in tanh, so only a bounded prior can be

@@ -15,13 +15,14 @@ sensitivity on test at it). Pixel anomaly map: ``map=aam`` is the paper's Anomal
 Map (sec. 2.4, eq. 8): w = |GAP(H_in) - GAP(H_re)| per channel, map = sum_c w_c H_in[c],
 upsampled to the image. The default is the reconstruction methods' map (``map`` of
 :func:`anogan_lightning.scoring.anomaly_map`, dark_z smoothed by ``map_sigma``), because on real
-fluid annotations the AAM ranks fluid pixels below the rest (experiments/README.md, issue 12);
+fluid annotations the AAM ranks fluid pixels below the rest (issue 12;
+experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md);
 checkpoints saved before this choice keep the AAM.
 Components: ``image`` (#1's score), ``latent`` (the paper's score) and ``code``, not in the
 paper: ||s(H_in) - s(H_re)||^2, the distance of the SRN's sparse codes of the two latents (in
 the normalised space of ``"scaled"`` / ``"split"``), the only score that reads the SRN at test
-time (``score_space`` picks the headline among the three; experiments/README.md has what each
-gave).
+time (``score_space`` picks the headline among the three;
+experiments/notes/2026-12-03-sparse-gan-readings-on-retina-windows.md has what each gave).
 
 Readings of L_sp (``sparsity_mode``; the paper gives eq. 6-7 but not what the scale of H_in is):
 - ``"paper"`` (paper-literal): L_sp = S(H_in) on the raw latent, back-propagating into G_en, the
@@ -50,8 +51,9 @@ score itself (G_en(G(x)) ~ G_en(x) on normals); eq. 3 and 7 have none.
 Defaults: ``sparsity_mode="split"``, ``lambda_sp=5``, ``lambda_lat=1``, ``decode_from="code"``,
 chosen on validation AUROC by the ablations over these keys (``conf/sweep/sparse_gan_modes``;
 the last one on retina-normalised windows, 3 seeds each, where the sparse bottleneck led every
-other reading on validation: experiments/README.md). The paper-literal reading is
-``sparsity_mode="paper"``, ``lambda_sp=50``, ``lambda_lat=0``, ``decode_from="latent"``.
+other reading on validation:
+experiments/notes/2026-12-03-sparse-gan-readings-on-retina-windows.md). The paper-literal
+reading is ``sparsity_mode="paper"``, ``lambda_sp=50``, ``lambda_lat=0``, ``decode_from="latent"``.
 
 Choices the paper leaves open, made here (each also in the module it concerns):
 - Backbone (``nets/pix2pix.py``): conv encoder-decoder without skips, 5 stride-2 stages at 224

@@ -11,7 +11,7 @@ adversary (a DCGAN discriminator, built by the method) has AnoGAN's.
 The bottleneck is a dense ``latent_dim`` code (Linear from the encoder's (8d, 4, 4) output,
 the generator's Linear back), like a GAN's z but not sampled from a prior, so no tanh. (A
 convolutional (8d, 4, 4) code was tried on kermany-mini and scored lower: it reconstructs
-lesions too; see experiments/README.md.)
+lesions too; see experiments/notes/2026-11-30-anogan-family-on-kermany-mini.md.)
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def channels_last(module: nn.Module) -> nn.Module:
 
     The same numbers, but oneDNN's CPU convolutions skip their layout reorders around every
     (transposed) convolution, and on GPUs it is the layout tensor-core convolutions want
-    (speed-ups in experiments/README.md).
+    (speed-ups in experiments/notes/2026-12-01-figures-behind-design-choices.md).
     """
     return module.to(memory_format=torch.channels_last)
 

@@ -22,7 +22,8 @@ blocks follows the image size, log2(image_size / 4), so tests can run at 16x16.
 architecture that Gulrajani et al. also train with WGAN-GP (their sec. 5), with layer norm in
 the critic instead of batch norm. It has no full-resolution convolutions (each 5x5 conv
 halves the size), so a critic update costs several times less than the residual pair's at the
-CPU widths and a CPU budget buys many more generator updates (timings in experiments/README.md).
+CPU widths and a CPU budget buys many more generator updates (timings in
+experiments/notes/2026-12-02-fanogan-networks-for-a-cpu-budget.md).
 
 Choices: layer norm over (C, H, W) with a per-channel scale and shift is ``GroupNorm(1, C)``
 (the reference's ``Layernorm([1, 2, 3])`` with per-channel offset/scale); weights keep PyTorch's

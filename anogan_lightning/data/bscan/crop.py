@@ -7,7 +7,8 @@ position for train (``train_crop="random"``; ``"center"`` for a fixed crop). Ima
 than tall after the height resize are padded symmetrically in width with the image's minimum
 value (the dark background). ``squash`` resizes straight to (S, S) instead; it leaks the
 width (Kermany's widths, 384 to 1536 columns, separate normal from diseased scans better than
-chance, experiments/README.md) and is there only for comparison.
+chance, experiments/notes/2026-12-01-figures-behind-design-choices.md) and is there only for
+comparison.
 
 Flattening (``crop_flatten``): every B-scan is first flattened on its detected Bruch's
 membrane (:func:`anogan_lightning.data.retina.normalize.flatten_bscan`), as the AnoGAN paper

@@ -14,7 +14,8 @@ Resize policies (``resize``):
   ``image_size`` windows ``window_stride`` apart, their scores aggregated per B-scan
   (``aggregate``, ``top_k``), their maps stitched and kept inside ``map_region``
   (:class:`~anogan_lightning.data.bscan.retina_windows.RetinaBScanDataset`). It carries to
-  other devices and beats the crop on Kermany's own test for every method (experiments/README.md).
+  other devices and beats the crop on Kermany's own test for every method
+  (experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md).
 - ``"crop"``: height resize + square crop, the papers' whole-image protocol; ``"squash"`` leaks
   the scan width (:mod:`~anogan_lightning.data.bscan.crop`). ``crop_flatten`` flattens each scan
   on its Bruch's membrane first.

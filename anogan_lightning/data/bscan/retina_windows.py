@@ -292,8 +292,8 @@ class RetinaBScanDataset(Dataset):
         a reader how much of a detector's B-scan AUROC an anatomy measurement alone gives.
         ``q`` = 75 was chosen over 90, 95, 100 and the coefficient of variation by the mean
         AUROC over kermany's validation split and duke-dme-fluid subjects 1-2
-        (experiments/README.md); a scan of thickness 0 everywhere (never kept by the
-        normalisation) would give NaN."""
+        (experiments/notes/2026-12-03-thickness-reference.md); a scan of thickness 0
+        everywhere (never kept by the normalisation) would give NaN."""
         self._require()
         out = torch.empty(len(self._offsets) - 1, dtype=torch.float64)
         for i in range(len(out)):

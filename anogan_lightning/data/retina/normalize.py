@@ -261,7 +261,8 @@ class RetinaNorm:
     input column): a fixed lateral pixel size either way, never one that depends on the scan.
 
     The defaults are ``conf/data/bscan_folder.yaml``'s ``retina`` keys (Kermany's Spectralis
-    rows; ``x_scale`` chosen on kermany val over 0.5 / 0.25 / 0.125, experiments/README.md).
+    rows; ``x_scale`` chosen on kermany val over 0.5 / 0.25 / 0.125,
+    experiments/notes/2026-12-03-retina-windows-at-the-quality-budget.md).
     """
 
     height: int = 64
