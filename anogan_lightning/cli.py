@@ -8,8 +8,7 @@ own help; ``anogan-lightning train +method=autoencoder`` is
 
 A new verb is one line in :data:`VERBS`: (module, one-line summary), and its name in
 :data:`HYDRA_VERBS` when its ``main`` is a ``@hydra.main``. A verb whose module is not part of
-this install (``calibrate`` until ``anogan_lightning.calibrate`` exists) is left out of the help
-and refused with a one-line error.
+this install is left out of the help and refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -29,7 +28,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("anogan_lightning.report", "compare finished runs: <sweep dir | run dirs...>"),
     "quality": ("anogan_lightning.quality", "the seeded quality benchmark (hours on a CPU)"),
     "model-card": ("anogan_lightning.model_card", "write MODEL_CARD.md for a checkpoint"),
-    "calibrate": ("anogan_lightning.calibrate", "calibrate a trained model (when installed)"),
+    "calibrate": (
+        "anogan_lightning.calibrate",
+        "a site-calibrated model: ckpt=<model.ckpt> normals=<folder | list.csv>",
+    ),
 }
 #: verbs whose ``main`` is a ``@hydra.main`` (reads ``sys.argv``; returns nothing useful)
 HYDRA_VERBS = ("train", "predict", "export", "calibrate")
