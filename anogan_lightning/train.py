@@ -183,19 +183,27 @@ def check_test_sets(datamodule, extra: dict) -> None:
         torch.random.set_rng_state(states[2])
 
 
-def _extra_tests(extra: dict, model, trainer: pl.Trainer) -> dict[str, tuple[dict, dict]]:
+def _extra_tests(
+    extra: dict, model, trainer: pl.Trainer, prep=None
+) -> dict[str, tuple[dict, dict]]:
     """Score the trained model on every extra test set (name -> data module, from
     :func:`extra_test_configs`): name -> (metrics under ``test_<name>/``, the test record). The
-    validation threshold applies."""
+    validation threshold applies. A set of whole volumes
+    (:class:`~anogan_lightning.data.bscan_volumes.BScanVolumeTestSet`, ``volume_level``) is
+    scored volume by volume through ``prep``, the run's B-scan preprocessing."""
     out = {}
     for name, dm in extra.items():
         log.info("extra test set %s: %s", name, getattr(dm, "root", ""))
         dm.setup("test")
-        trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)
-        metrics = {f"test_{name}/{k.split('/', 1)[1]}": v for k, v in model.results["test"].items()}
+        if getattr(dm, "volume_level", False):
+            scored, record = dm.score(model, prep)
+        else:
+            trainer.test(model, dataloaders=dm.test_dataloader(), verbose=False)
+            scored, record = model.results["test"], model.records["test"]
+        metrics = {f"test_{name}/{k.split('/', 1)[1]}": v for k, v in scored.items()}
         for cls, n in dm.split_summary().get("test", {}).items():
             metrics[f"data/test_{name}_{cls}"] = n
-        out[name] = (metrics, model.records["test"])
+        out[name] = (metrics, record)
     return out
 
 
@@ -304,7 +312,8 @@ def run(cfg: DictConfig) -> dict:
     record = model.records["test"]
     results["time/test_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extra_scored = _extra_tests(extra, model, trainer)  # cross-device sets, each under its prefix
+    # cross-device sets, each under its prefix
+    extra_scored = _extra_tests(extra, model, trainer, getattr(datamodule, "preprocessing", None))
     for split_metrics, _ in extra_scored.values():
         results.update(split_metrics)
     if extra_scored:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -122,11 +123,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-def train_retina_run(tmp: Path, rule: str = "topk", masks: bool = False) -> tuple[Path, Path]:
+def train_retina_run(
+    tmp: Path, rule: str = "topk", masks: bool = False, extra: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """A seconds-long auto-encoder on phantom B-scans (``resize=retina``, 32-px windows 16
     apart on 32-row bands; tests/test_bscan_windows.py's phantoms): train/val/test NORMAL and
     DME folders under ``tmp/scans`` (DME scans have a dark cyst; ``masks=True`` writes its mask
-    under ``masks/`` as the data layout does). Returns (run dir, scans root)."""
+    under ``masks/`` as the data layout does); ``extra``: more overrides. Returns (run dir,
+    scans root)."""
     import warnings
 
     from test_bscan_windows import S, save, scan
@@ -154,6 +158,7 @@ def train_retina_run(tmp: Path, rule: str = "topk", masks: bool = False) -> tupl
         "data.batch_size=4",
         f"data.cache_dir={tmp / 'cache'}",
         *(["data.mask_dir=masks"] if masks else []),
+        *extra,
     ]
     from anogan_lightning.train import run
 
