@@ -43,7 +43,6 @@ Examples (``../shared/data``)::
 
 from __future__ import annotations
 
-import csv as csv_lib
 import logging
 import time
 from collections import Counter
@@ -54,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anogan_lightning.data.base import AnomalyDataModule
 from anogan_lightning.data.bscan.crop import CROPS
-from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, list_images
+from anogan_lightning.data.bscan.io import IMAGE_SUFFIXES, check_listed, list_images, read_listing
 from anogan_lightning.data.bscan.preprocessing import BScanPreprocessing
 from anogan_lightning.data.splits import patient_id, split_by_patient, split_groups
 
@@ -228,14 +227,11 @@ class BScanFolderDataModule(AnomalyDataModule):
     def _from_csv(self) -> list[Scan]:
         path_col, label_col, mask_col, group_col, split_col = self.columns
         table = self.root / self.csv
-        if not table.is_file():
-            raise FileNotFoundError(f"B-scan list {table} does not exist (data.csv)")
-        with open(table, newline="") as fh:
-            rows = list(csv_lib.DictReader(fh))
-        header = list(rows[0]) if rows else []
-        for col in (path_col, label_col, mask_col, group_col, split_col):
-            if col is not None and col not in header:
-                raise ValueError(f"{table}: no column {col!r} (columns: {', '.join(header)})")
+        rows = read_listing(
+            table,
+            (path_col, label_col, mask_col, group_col, split_col),
+            "B-scan list {table} does not exist (data.csv)",
+        )
         base = self.base
         scans, missing = [], []
         for i, row in enumerate(rows, 2):
@@ -266,9 +262,7 @@ class BScanFolderDataModule(AnomalyDataModule):
             else:
                 split = self._split_of(rel)
             scans.append(Scan(p, cls, normal, mask, group or None, split))
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise FileNotFoundError(f"{table} lists missing files: {'; '.join(missing[:5])}{more}")
+        check_listed(table, missing)
         if not scans:
             raise ValueError(f"{table} lists no B-scans")
         return scans

@@ -37,7 +37,6 @@ Example (``conf/experiment/cross_device.yaml`` style)::
 
 from __future__ import annotations
 
-import csv as csv_lib
 import logging
 import math
 from collections import Counter
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anogan_lightning.data.bscan.io import walk_files
+from anogan_lightning.data.bscan.io import check_listed, read_listing, walk_files
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, VolumeReadError, read_volume, suffix
 from anogan_lightning.evaluation import metrics as image_metrics
 from anogan_lightning.extras import MissingExtraError
@@ -103,14 +102,9 @@ class BScanVolumeTestSet:
 
     def _from_csv(self) -> list[tuple[Path, str]]:
         table = self.root / self.csv
-        if not table.is_file():
-            raise FileNotFoundError(f"volume list {table} does not exist (csv)")
-        with open(table, newline="") as fh:
-            rows = list(csv_lib.DictReader(fh))
-        header = list(rows[0]) if rows else []
-        for col in (self.path_column, self.label_column):
-            if col not in header:
-                raise ValueError(f"{table}: no column {col!r} (columns: {', '.join(header)})")
+        rows = read_listing(
+            table, (self.path_column, self.label_column), "volume list {table} does not exist (csv)"
+        )
         out, missing = [], []
         for i, row in enumerate(rows, 2):
             p = self.root / row[self.path_column].strip()
@@ -118,9 +112,7 @@ class BScanVolumeTestSet:
                 missing.append(f"{p} (row {i})")
             value = row[self.label_column].strip()
             out.append((p, "NORMAL" if self._is_normal(value) else value))
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise FileNotFoundError(f"{table} lists missing files: {'; '.join(missing[:5])}{more}")
+        check_listed(table, missing)
         return out
 
     def volumes(self) -> list[tuple[Path, str]]:

@@ -8,6 +8,7 @@ skipped.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -61,6 +62,28 @@ def is_image(path: str | Path) -> bool:
 def list_images(folder: str | Path) -> list[Path]:
     """B-scan image files under ``folder``: :func:`walk_files` filtered by IMAGE_SUFFIXES."""
     return [p for p in walk_files(folder) if is_image(p)]
+
+
+def read_listing(table: Path, columns: Sequence[str | None], what: str) -> list[dict]:
+    """The rows of a CSV listing scans (``what`` names it in errors, e.g. "B-scan list ...
+    (data.csv)"): FileNotFoundError if it does not exist, ValueError naming a column of
+    ``columns`` (None: not used) that its header lacks."""
+    if not table.is_file():
+        raise FileNotFoundError(what.format(table=table))
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    header = list(rows[0]) if rows else []
+    for col in columns:
+        if col is not None and col not in header:
+            raise ValueError(f"{table}: no column {col!r} (columns: {', '.join(header)})")
+    return rows
+
+
+def check_listed(table: Path, missing: list[str]) -> None:
+    """FileNotFoundError naming the first five of the ``missing`` files a listing names."""
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{table} lists missing files: {'; '.join(missing[:5])}{more}")
 
 
 def read_gray(path: str | Path) -> np.ndarray:
