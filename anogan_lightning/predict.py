@@ -384,24 +384,21 @@ def _predict_bscan_volumes(
             rows.file(path, "unreadable", "volume", error=str(e))
             n_bad += 1
             continue
-        ds, source = pb.volume_dataset(vol, prep)
-        failed = {pb.bscan_index(f.split(": ", 1)[0]): f for f in ds.failures}
-        n_b = vol.data.shape[0]
-        if not ds.image_ids:
-            why = f"no B-scan could be normalised ({len(failed)} of {n_b}; first: {ds.failures[0]})"
-            log.warning("skipping volume %s: %s", path, why)
-            rows.file(path, "unreadable", "volume", error=why)
+        try:
+            scored, source = pb.score_volume(vol, model, prep, cfg.batch_size, device)
+        except pb.NoBScanScored as e:
+            log.warning("skipping volume %s: %s", path, e)
+            rows.file(path, "unreadable", "volume", error=str(e))
             n_bad += 1
             continue
-        scored = pb.score_bscans(model, ds, prep, cfg.batch_size, device)
+        ds = scored.ds
+        failed = {pb.bscan_index(f.split(": ", 1)[0]): f for f in ds.failures}
+        n_b = vol.data.shape[0]
         folder = out / "heatmaps" / f"{start + n_ok:06d}_{figures.safe_name(stem(path))}"
-        enface = np.full((n_b, vol.data.shape[2]), np.nan, dtype=np.float32)
         per_bscan, geometry = [], {}
         for i, name in enumerate(ds.image_ids):
             b = pb.bscan_index(name)
             g = geometry[b] = ds.geometry(i)
-            if scored.maps is not None:
-                enface[b] = pb.enface_row(scored, i, g, reduce)
             s = float(scored.score[i])
             per_bscan.append(
                 {
@@ -416,6 +413,7 @@ def _predict_bscan_volumes(
                 }
             )
         drawn, has_maps = {}, scored.maps is not None
+        enface = pb.enface_map(scored, vol.data.shape, reduce) if has_maps else None
         if has_maps and cfg.get("maps", True):
             folder.mkdir(parents=True, exist_ok=True)
             np.save(folder / "enface.npy", enface)

@@ -178,6 +178,34 @@ def volume_dataset(vol: Volume, prep: BScanPreprocessing) -> tuple[RetinaBScanDa
     return ds, source
 
 
+class NoBScanScored(ValueError):
+    """A volume none of whose B-scans passed the retina checks."""
+
+
+def score_volume(
+    vol: Volume, model, prep: BScanPreprocessing, batch_size: int, device
+) -> tuple[ScoredBScans, str]:
+    """A read volume's B-scans normalised (:func:`volume_dataset`) and scored
+    (:func:`score_bscans`): (scored, boundary source). NoBScanScored, with the count and the
+    first reason, if no B-scan could be normalised."""
+    ds, source = volume_dataset(vol, prep)
+    if not ds.image_ids:
+        n = vol.data.shape[0]
+        raise NoBScanScored(
+            f"no B-scan could be normalised ({len(ds.failures)} of {n}; first: {ds.failures[0]})"
+        )
+    return score_bscans(model, ds, prep, batch_size, device), source
+
+
+def enface_map(scored: ScoredBScans, shape: tuple[int, ...], reduce: str = "mean") -> np.ndarray:
+    """The en-face map of a scored volume of ``shape`` (B-scans, rows, columns): (B-scans,
+    columns) float32 of :func:`enface_row`, NaN for B-scans not scored."""
+    out = np.full((shape[0], shape[2]), np.nan, dtype=np.float32)
+    for i, name in enumerate(scored.ds.image_ids):
+        out[bscan_index(name)] = enface_row(scored, i, scored.ds.geometry(i), reduce)
+    return out
+
+
 def bscan_index(name: str) -> int:
     """The B-scan index of a ``<file>:b<index>`` name."""
     return int(str(name).rsplit(":b", 1)[1])

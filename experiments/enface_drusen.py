@@ -4,9 +4,9 @@
 
 Each checkpoint (a retina B-scan model, e.g. trained on kermany-mini normals) scores
 ``../shared/data/spectralis-volume/volume.tif`` B-scan by B-scan exactly as ``predict`` does
-(:func:`anogan_lightning.predict_bscans.volume_dataset`, :func:`~anogan_lightning.predict_bscans.score_bscans`;
+(:func:`anogan_lightning.predict_bscans.score_volume`;
 the TIFF has no segmentation, so ILM/BM are detected), and its en-face map is formed with both
-reductions over the retina (``mean`` and ``max``, :func:`~anogan_lightning.predict_bscans.enface_row`).
+reductions over the retina (``mean`` and ``max``, :func:`~anogan_lightning.predict_bscans.enface_map`).
 
 Ground truth: ``layers.npz`` holds the expert RPE and Bruch's membrane rows per column (NaN where
 unmarked). Drusen lift the RPE off BM, so a column is in the drusen footprint when
@@ -38,9 +38,8 @@ from anogan_lightning.predict import image_preprocessing, load_checkpoint
 from anogan_lightning.predict_bscans import (
     ENFACE_REDUCTIONS,
     bscan_index,
-    enface_row,
-    score_bscans,
-    volume_dataset,
+    enface_map,
+    score_volume,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/spectralis-volume"
@@ -64,17 +63,11 @@ def enface_maps(ckpt: Path, volume: Path) -> tuple[dict[str, np.ndarray], np.nda
     model, meta = load_checkpoint(ckpt, device)
     prep = image_preprocessing(model, meta)
     vol = read_volume(volume)
-    ds, _ = volume_dataset(vol, prep)
-    scored = score_bscans(model, ds, prep, 32, device)
-    n, w = vol.data.shape[0], vol.data.shape[2]
-    maps = {r: np.full((n, w), np.nan, np.float32) for r in ENFACE_REDUCTIONS}
-    scores = np.full(n, np.nan)
-    for i, name in enumerate(ds.image_ids):
-        b = bscan_index(name)
-        g = ds.geometry(i)
-        scores[b] = scored.score[i]
-        for r in ENFACE_REDUCTIONS:
-            maps[r][b] = enface_row(scored, i, g, r)
+    scored, _ = score_volume(vol, model, prep, 32, device)
+    maps = {r: enface_map(scored, vol.data.shape, r) for r in ENFACE_REDUCTIONS}
+    scores = np.full(vol.data.shape[0], np.nan)
+    for i, name in enumerate(scored.ds.image_ids):
+        scores[bscan_index(name)] = scored.score[i]
     return maps, scores, time.perf_counter() - t0
 
 

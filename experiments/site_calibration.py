@@ -330,6 +330,15 @@ def fmt(s: dict, digits: int = 3) -> str:
     return out
 
 
+def by_method_and_n(records: list[dict], args):
+    """(method, n, its records) for every method and calibration size that has records."""
+    for method in args.methods:
+        for n in args.sizes:
+            rs = [r for r in records if r["method"] == method and r["n"] == n]
+            if rs:
+                yield method, n, rs
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -580,27 +589,23 @@ def render(args, nulls, models, records, sanity, stats, controls) -> str:
 
     parts.append("\n### Threshold-only calibration, per method\n")
     rows = []
-    for method in args.methods:
-        for n in args.sizes:
-            rs = [r for r in records if r["method"] == method and r["n"] == n]
-            if not rs:
-                continue
-            seeds = sorted({r["seed"] for r in rs})
-            within = np.mean([abs(r["spec_cal"] - spec) <= 0.05 for r in rs])
-            rows.append(
-                [
-                    method,
-                    n,
-                    f"{len(seeds)} x {len(rs) // len(seeds)}",
-                    fmt(summary(rs, "n_cal"), 1),
-                    fmt(summary(rs, "auroc")),
-                    fmt(summary(rs, "spec_stored")),
-                    fmt(summary(rs, "sens_stored")),
-                    fmt(summary(rs, "spec_cal")),
-                    f"{within:.2f}",
-                    fmt(summary(rs, "sens_cal")),
-                ]
-            )
+    for method, n, rs in by_method_and_n(records, args):
+        seeds = sorted({r["seed"] for r in rs})
+        within = np.mean([abs(r["spec_cal"] - spec) <= 0.05 for r in rs])
+        rows.append(
+            [
+                method,
+                n,
+                f"{len(seeds)} x {len(rs) // len(seeds)}",
+                fmt(summary(rs, "n_cal"), 1),
+                fmt(summary(rs, "auroc")),
+                fmt(summary(rs, "spec_stored")),
+                fmt(summary(rs, "sens_stored")),
+                fmt(summary(rs, "spec_cal")),
+                f"{within:.2f}",
+                fmt(summary(rs, "sens_cal")),
+            ]
+        )
     parts.append(
         table(
             [
@@ -669,31 +674,27 @@ def render(args, nulls, models, records, sanity, stats, controls) -> str:
         "sampling alone give, finite population of normals included).\n"
     )
     rows = []
-    for method in args.methods:
-        for n in args.sizes:
-            rs = [r for r in records if r["method"] == method and r["n"] == n]
-            if not rs:
-                continue
-            s_cal = summary(rs, "spec_cal")
-            n_cal = float(np.mean([r["n_cal"] for r in rs]))
-            m_test = float(np.mean([r["n_test_normal"] for r in rs]))
-            null_mean, null_sd = nulls[n]
-            rows.append(
-                [
-                    method,
-                    n,
-                    f"{n_cal:.1f}",
-                    f"{m_test:.1f}",
-                    f"{s_cal['mean']:.3f}",
-                    f"{s_cal['mean'] - spec:+.3f}",
-                    f"{s_cal['sd_splits']:.3f}",
-                    f"{math.sqrt(spec * (1 - spec) / n_cal):.3f}",
-                    f"{null_mean:.3f}",
-                    f"{null_sd:.3f}",
-                    f"{np.mean([abs(r['spec_cal'] - spec) <= 0.05 for r in rs]):.2f}",
-                    f"{np.mean([r['spec_cal'] < spec - 0.05 for r in rs]):.2f}",
-                ]
-            )
+    for method, n, rs in by_method_and_n(records, args):
+        s_cal = summary(rs, "spec_cal")
+        n_cal = float(np.mean([r["n_cal"] for r in rs]))
+        m_test = float(np.mean([r["n_test_normal"] for r in rs]))
+        null_mean, null_sd = nulls[n]
+        rows.append(
+            [
+                method,
+                n,
+                f"{n_cal:.1f}",
+                f"{m_test:.1f}",
+                f"{s_cal['mean']:.3f}",
+                f"{s_cal['mean'] - spec:+.3f}",
+                f"{s_cal['sd_splits']:.3f}",
+                f"{math.sqrt(spec * (1 - spec) / n_cal):.3f}",
+                f"{null_mean:.3f}",
+                f"{null_sd:.3f}",
+                f"{np.mean([abs(r['spec_cal'] - spec) <= 0.05 for r in rs]):.2f}",
+                f"{np.mean([r['spec_cal'] < spec - 0.05 for r in rs]):.2f}",
+            ]
+        )
     parts.append(
         table(
             [

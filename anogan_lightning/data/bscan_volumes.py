@@ -48,11 +48,10 @@ import torch
 from anogan_lightning.data.bscan.io import check_listed, read_listing, walk_files
 from anogan_lightning.data.readers import VOLUME_SUFFIXES, VolumeReadError, read_volume, suffix
 from anogan_lightning.evaluation import metrics as image_metrics
+from anogan_lightning.evaluation.collector import NOT_SCORED, OK, PARTIAL
 from anogan_lightning.extras import MissingExtraError
 
 log = logging.getLogger(__name__)
-
-OK, PARTIAL, NOT_SCORED = "ok", "partial", "not_scored"
 
 
 class BScanVolumeTestSet:
@@ -81,7 +80,6 @@ class BScanVolumeTestSet:
         self.resize = resize
         self.batch_size = int(eval_batch_size or batch_size)
         self._volumes: list[tuple[Path, str]] | None = None
-        self.counts: dict[str, int] = {}
 
     # -- listing ------------------------------------------------------------------------------
     def _is_normal(self, cls: str) -> bool:
@@ -141,8 +139,7 @@ class BScanVolumeTestSet:
             only = "normal" if True in labels else "anomalous"
             raise ValueError(f"{self.root}: only {only} volumes; the AUROC needs both classes")
         self._volumes = vols
-        self.counts = dict(sorted(Counter(c for _, c in vols).items()))
-        return self.counts
+        return dict(sorted(Counter(c for _, c in vols).items()))
 
     def setup(self, stage: str | None = None) -> None:
         self.volumes()
@@ -176,11 +173,12 @@ class BScanVolumeTestSet:
                 except (VolumeReadError, MissingExtraError) as e:
                     failed.append(f"{path}: {e}")
                     continue
-                ds, _ = pb.volume_dataset(vol, prep)
-                if not ds.image_ids:
-                    failed.append(f"{path}: no B-scan could be normalised ({ds.failures[0]})")
+                try:
+                    scored, _ = pb.score_volume(vol, model, prep, self.batch_size, device)
+                except pb.NoBScanScored as e:
+                    failed.append(f"{path}: {e}")
                     continue
-                scored = pb.score_bscans(model, ds, prep, self.batch_size, device)
+                ds = scored.ds
                 i = int(np.argmax(scored.score))
                 ids.append(str(path))
                 labels.append(0 if self._is_normal(cls) else 1)
